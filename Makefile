@@ -1,0 +1,43 @@
+# cellpert: `make demo` runs the main job on a simulated screen, `make test` runs the tests.
+# Both install into .venv first (idempotent: reinstalls only when pyproject.toml or
+# constraints.txt change).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cellpert-installed
+DEMO_DIR ?= demo_out
+SHARED_DATA ?= ../shared/data
+
+.PHONY: help install test test-slow lint demo clean
+
+help:
+	@echo "make demo       simulate a screen, train, evaluate, export (installs first)"
+	@echo "make test       ruff + the default test suite (installs first)"
+	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
+	@echo "make install    create .venv and install cellpert with the tested versions"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_DIR)
+	$(BIN)/cellpert simulate sams -o $(DEMO_DIR)/screen.h5ad --seed 0
+	$(BIN)/cellpert inspect $(DEMO_DIR)/screen.h5ad
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""Reading, validating and splitting perturbation screens; the safe writer; simulators."""
+
+from __future__ import annotations
+
+from cellpert.data._io import read_h5ad, save_results, to_uns, write_h5ad_atomic
+from cellpert.data._screen import (
+    CONTROL_SPELLINGS,
+    UNS_KEY,
+    PerturbationScreen,
+    detect_control_labels,
+    load_screen,
+    parse_perturbation_labels,
+    record_screen_keys,
+    screen_description,
+)
+from cellpert.data._splits import (
+    DEFAULT_SPLIT_KEY,
+    combination_split,
+    eligible_heldout_combinations,
+    heldout_perturbation_split,
+    make_split,
+    random_split,
+    read_split,
+)
+from cellpert.data._validate import CountSummary, gene_log1p_stats, iter_row_chunks, summarise_counts
+
+__all__ = [
+    "CONTROL_SPELLINGS",
+    "DEFAULT_SPLIT_KEY",
+    "UNS_KEY",
+    "CountSummary",
+    "PerturbationScreen",
+    "combination_split",
+    "detect_control_labels",
+    "eligible_heldout_combinations",
+    "gene_log1p_stats",
+    "heldout_perturbation_split",
+    "iter_row_chunks",
+    "load_screen",
+    "make_split",
+    "parse_perturbation_labels",
+    "random_split",
+    "read_h5ad",
+    "read_split",
+    "record_screen_keys",
+    "save_results",
+    "screen_description",
+    "summarise_counts",
+    "to_uns",
+    "write_h5ad_atomic",
+]
