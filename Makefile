@@ -9,13 +9,15 @@ STAMP := $(VENV)/.cellpert-installed
 DEMO_DIR ?= demo_out
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install test test-slow lint demo clean
+.PHONY: help install test test-slow lint demo clean data-norman data-replogle data-replogle-gwps data-kang
+RAW_DIR ?= data/raw
 
 help:
 	@echo "make demo       simulate a screen, train, evaluate, export (installs first)"
 	@echo "make test       ruff + the default test suite (installs first)"
 	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
 	@echo "make install    create .venv and install cellpert with the tested versions"
+	@echo "make data-norman / data-replogle / data-kang   fetch a public screen (needs internet)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,3 +43,13 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+
+# Public screens (need internet; see data_recipes/README.md)
+data-norman: $(STAMP)
+	$(BIN)/python -m data_recipes.norman2019 --out data/norman2019.h5ad --cache-dir $(RAW_DIR)/norman2019
+data-replogle: $(STAMP)
+	$(BIN)/python -m data_recipes.replogle2022 --dataset essential --out data/replogle2022_essential.h5ad --cache-dir $(RAW_DIR)/replogle2022
+data-replogle-gwps: $(STAMP)
+	$(BIN)/python -m data_recipes.replogle2022 --dataset gwps --preset filtered --out data/replogle2022_gwps_filtered.h5ad --cache-dir $(RAW_DIR)/replogle2022
+data-kang: $(STAMP)
+	$(BIN)/python -m data_recipes.kang2018 --out data/kang2018.h5ad --cache-dir $(RAW_DIR)/kang2018

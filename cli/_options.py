@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ScreenArg = Annotated[Path, typer.Argument(help="The screen, an .h5ad file with raw counts.", show_default=False)]
 PerturbationKeyOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--perturbation-key",
         "-p",
@@ -17,16 +17,16 @@ PerturbationKeyOpt = Annotated[
     ),
 ]
 ControlOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--control", "-c", help="Control label(s), comma-separated. Default: recorded, else detected (control, ctrl, non-targeting, NT)."),
 ]
-LayerOpt = Annotated[Optional[str], typer.Option("--layer", "-l", help="Layer with raw counts (default: X).")]
+LayerOpt = Annotated[str | None, typer.Option("--layer", "-l", help="Layer with raw counts (default: X).")]
 DosageKeyOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--dosage-key", help="obsm DataFrame (cells x perturbations) to use instead of labels."),
 ]
 SubsetOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--subset", help="pandas query on obs selecting cells, e.g. 'dataset == \"norman19\"'."),
 ]
 DropZeroGenesOpt = Annotated[

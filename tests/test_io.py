@@ -8,10 +8,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import file_digest, make_toy_adata
 
 from cellpert import CellpertInputError
 from cellpert.data import read_h5ad, save_results, to_uns, write_h5ad_atomic
+
+from conftest import file_digest, make_toy_adata
 
 
 @pytest.fixture

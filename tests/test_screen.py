@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import file_digest, make_toy_adata
 
 from cellpert import CellpertInputError, CellpertWarning
 from cellpert.data import (
@@ -20,6 +19,8 @@ from cellpert.data import (
     record_screen_keys,
     summarise_counts,
 )
+
+from conftest import file_digest, make_toy_adata
 
 NORMAN = 'dataset == "norman19"'
 

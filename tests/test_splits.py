@@ -7,7 +7,6 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import make_toy_adata
 
 from cellpert import CellpertInputError, CellpertWarning
 from cellpert.data import (
@@ -17,6 +16,8 @@ from cellpert.data import (
     make_split,
     random_split,
 )
+
+from conftest import make_toy_adata
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,12 @@ from cellpert.data._splits import (
     random_split,
     read_split,
 )
-from cellpert.data._validate import CountSummary, gene_log1p_stats, iter_row_chunks, summarise_counts
+from cellpert.data._validate import (
+    CountSummary,
+    gene_log1p_stats,
+    iter_row_chunks,
+    summarise_counts,
+)
 
 __all__ = [
     "CONTROL_SPELLINGS",

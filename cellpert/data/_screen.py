@@ -179,7 +179,7 @@ def parse_perturbation_labels(
         cols = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
         vals = np.ones(len(rows), dtype=np.float32)
     else:
-        for i, u in enumerate(inverse):
+        for i in range(len(labels)):
             raw_parts = _split_label(labels[i])
             raw_doses = _split_label(dose_arr[i])
             if len(raw_doses) != len(raw_parts):

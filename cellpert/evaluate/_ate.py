@@ -1,0 +1,538 @@
+"""Average treatment effects, the two non-learned baselines and ATE metrics (MODELS.md §3, §6).
+
+Everything here is model independent: the data ATE is streamed over row chunks of the
+count matrix (never densified as a whole), and the metrics compare any two genes x labels
+ATE tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.metrics import r2_score
+
+from cellpert._errors import CellpertInputError, CellpertWarning
+from cellpert.data._validate import DEFAULT_CHUNK_ROWS, iter_row_chunks
+
+if TYPE_CHECKING:
+    from cellpert.data import PerturbationScreen
+
+__all__ = [
+    "additive_baseline",
+    "ate_from_counts",
+    "ate_metrics",
+    "data_ate",
+    "mean_baseline",
+    "perturbseq_transform",
+]
+
+logger = logging.getLogger(__name__)
+
+AteSpace = Literal["perturbseq", "mean"]
+
+#: Target library size of the perturbseq normalisation.
+PERTURBSEQ_SCALE = 1e4
+#: Separator of combination labels.
+COMBINATION_SEP = "+"
+
+
+# ------------------------------------------------------------------------ transform
+def perturbseq_transform(counts_block: Any) -> np.ndarray | sp.csr_matrix:
+    """The "perturbseq" normalisation y = log2(1e4 · x / Σ_g x + 1), row by row.
+
+    Parameters
+    ----------
+    counts_block
+        Cells x genes counts, dense or scipy sparse.
+
+    Returns
+    -------
+    np.ndarray or scipy.sparse.csr_matrix
+        float64 y of the same shape; sparse input gives CSR output with the same
+        sparsity pattern (y = 0 where x = 0). Cells with library size 0 get y = 0.
+    """
+    if sp.issparse(counts_block):
+        y = sp.csr_matrix(counts_block, dtype=np.float64, copy=True)
+        lib = np.asarray(y.sum(axis=1)).ravel()
+        scale = np.divide(PERTURBSEQ_SCALE, lib, out=np.zeros_like(lib), where=lib > 0)
+        y.data = np.log1p(y.data * np.repeat(scale, np.diff(y.indptr))) / np.log(2.0)
+        return y
+    x = np.asarray(counts_block, dtype=np.float64)
+    if x.ndim != 2:
+        raise CellpertInputError(f"counts must be a cells x genes matrix, got shape {x.shape}.")
+    lib = x.sum(axis=1)
+    scale = np.divide(PERTURBSEQ_SCALE, lib, out=np.zeros_like(lib), where=lib > 0)
+    return np.log1p(x * scale[:, None]) / np.log(2.0)
+
+
+def _to_space(block: Any, space: AteSpace) -> np.ndarray | sp.csr_matrix:
+    if space == "perturbseq":
+        return perturbseq_transform(block)
+    if sp.issparse(block):
+        return sp.csr_matrix(block, dtype=np.float64)
+    return np.asarray(block, dtype=np.float64)
+
+
+def _resolve_cells(cells: Any, n: int) -> np.ndarray | None:
+    """Sorted row indices from a boolean mask or index array (None = all rows)."""
+    if cells is None:
+        return None
+    arr = np.asarray(cells)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise CellpertInputError(
+                f"the cell mask has length {arr.size} but the screen has {n} cells."
+            )
+        idx = np.flatnonzero(arr)
+    elif np.issubdtype(arr.dtype, np.integer):
+        idx = np.unique(arr.ravel())
+        if idx.size and (idx[0] < 0 or idx[-1] >= n):
+            raise CellpertInputError(f"cell indices must lie in [0, {n}); got {idx[0]}..{idx[-1]}.")
+    else:
+        raise CellpertInputError("cells must be a boolean mask or an array of integer row indices.")
+    if idx.size == 0:
+        raise CellpertInputError("the cell selection is empty; check the split.")
+    return idx
+
+
+# ------------------------------------------------------------------------- data ATE
+def ate_from_counts(
+    counts: Any,
+    labels: Sequence[str] | np.ndarray,
+    *,
+    control: str | Sequence[str],
+    space: AteSpace = "perturbseq",
+    cells: np.ndarray | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    gene_names: Sequence[str] | pd.Index | None = None,
+) -> pd.DataFrame:
+    """ATE of every non-control label relative to control, streamed over row chunks.
+
+    For each chunk the counts are transformed to the ATE space (dense or sparse, per
+    chunk only) and per-label sums are accumulated with one sparse indicator-matrix
+    product, so the cost is one pass over the matrix whatever the number of labels.
+
+    Parameters
+    ----------
+    counts
+        Cells x genes counts (scipy sparse, numpy, or a backed AnnData matrix).
+    labels
+        One label per cell (canonical: the same combination always spelled the same).
+    control
+        Label(s) of the control cells; all control cells form one group.
+    space
+        ``"perturbseq"``: y = log2(1e4 · x / ℓ + 1) (MODELS.md §6); ``"mean"``: raw counts.
+    cells
+        Boolean mask or integer indices of the cells to use (e.g. the training cells);
+        default all.
+    chunk_rows
+        Rows per chunk.
+    gene_names
+        Index of the result; default ``0..G-1``.
+
+    Returns
+    -------
+    pd.DataFrame
+        genes x labels (sorted non-control labels with at least one selected cell):
+        mean y of the label's cells minus mean y of the control cells. ``attrs`` holds
+        ``"n_cells"`` (dict label -> cells used), ``"n_control_cells"`` and ``"space"``.
+
+    Raises
+    ------
+    CellpertInputError
+        When the selection has no control cells or no perturbed cells, or shapes
+        disagree.
+    """
+    if space not in ("perturbseq", "mean"):
+        raise CellpertInputError(f"space must be 'perturbseq' or 'mean', not {space!r}.")
+    if int(chunk_rows) < 1:
+        raise CellpertInputError(f"chunk_rows must be a positive integer, not {chunk_rows}.")
+    n_cells, n_genes = counts.shape
+    labels = np.asarray(labels, dtype=object).astype(str)
+    if labels.shape != (n_cells,):
+        raise CellpertInputError(
+            f"there are {labels.size} labels for {n_cells} cells; pass one label per cell."
+        )
+    controls = [control] if isinstance(control, str) else [str(c) for c in control]
+    if not controls:
+        raise CellpertInputError("no control label given: ATEs are relative to control cells.")
+    control_key = controls[0]
+    labels = np.where(np.isin(labels, controls), control_key, labels)
+    codes, groups = pd.factorize(labels, sort=True)
+    n_groups = len(groups)
+    rows = _resolve_cells(cells, n_cells)
+
+    sums = np.zeros((n_groups, n_genes), dtype=np.float64)
+    n_per_group = np.zeros(n_groups, dtype=np.int64)
+    for idx, block in iter_row_chunks(counts, chunk_rows=int(chunk_rows), rows=rows):
+        y = _to_space(block, space)
+        c = codes[idx]
+        indicator = sp.csr_matrix(
+            (np.ones(len(c)), (c, np.arange(len(c)))), shape=(n_groups, len(c))
+        )
+        part = indicator @ y
+        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+        n_per_group += np.bincount(c, minlength=n_groups)
+
+    ctrl = int(np.flatnonzero(groups == control_key)[0]) if control_key in set(groups) else -1
+    if ctrl < 0 or n_per_group[ctrl] == 0:
+        raise CellpertInputError(
+            f"no control cells ({', '.join(map(repr, controls))}) among the selected cells: "
+            "effects relative to control cannot be computed; include control cells in the selection."
+        )
+    keep = (n_per_group > 0) & (np.arange(n_groups) != ctrl)
+    if not keep.any():
+        raise CellpertInputError(
+            "no perturbed cells among the selected cells; check the selection."
+        )
+    means = sums / np.maximum(n_per_group, 1)[:, None]
+    ate = (means[keep] - means[ctrl]).T
+    index = pd.Index(gene_names if gene_names is not None else np.arange(n_genes), name="gene")
+    if len(index) != n_genes:
+        raise CellpertInputError(f"{len(index)} gene names for {n_genes} genes.")
+    out = pd.DataFrame(ate, index=index, columns=pd.Index(list(groups[keep]), name="label"))
+    out.attrs["n_cells"] = {
+        str(g): int(k) for g, k in zip(groups[keep], n_per_group[keep], strict=True)
+    }
+    out.attrs["n_control_cells"] = int(n_per_group[ctrl])
+    out.attrs["space"] = space
+    logger.debug("ATE of %d labels from %d cells", int(keep.sum()), int(n_per_group.sum()))
+    return out
+
+
+def data_ate(
+    screen: PerturbationScreen,
+    *,
+    space: AteSpace = "perturbseq",
+    cells: np.ndarray | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> pd.DataFrame:
+    """Data ATE of every perturbation label of a screen (MODELS.md §6).
+
+    ATE_t = mean over cells with label t of y − mean over control cells of y, per gene,
+    in the chosen space; streamed over row chunks (see :func:`ate_from_counts`).
+
+    Parameters
+    ----------
+    screen
+        From :func:`cellpert.data.load_screen`.
+    space
+        ``"perturbseq"`` (y = log2(1e4 · x / ℓ + 1)) or ``"mean"`` (raw counts).
+    cells
+        Boolean mask or integer indices restricting the cells used (e.g. the training
+        split, to build baselines); default all cells. The selection must include
+        control cells: a split whose test set holds only held-out combinations needs
+        e.g. ``cells=(split == "test") | screen.is_control``.
+    chunk_rows
+        Rows per streamed chunk.
+
+    Returns
+    -------
+    pd.DataFrame
+        genes (``screen.gene_names``) x canonical non-control labels with at least one
+        selected cell. ``attrs["n_cells"]`` maps each label to its number of cells,
+        ``attrs["n_control_cells"]`` and ``attrs["space"]`` are set too.
+
+    Raises
+    ------
+    CellpertInputError
+        When the selected cells include no control or no perturbed cell.
+    """
+    return ate_from_counts(
+        screen.counts,
+        screen.labels,
+        control=screen.control_labels,
+        space=space,
+        cells=cells,
+        chunk_rows=chunk_rows,
+        gene_names=screen.gene_names,
+    )
+
+
+# ------------------------------------------------------------------------ baselines
+PartsOf = Callable[[str], Sequence[str]] | Mapping[str, Sequence[str]] | None
+
+
+def _split_parts(label: str) -> list[str]:
+    return [p.strip() for p in str(label).split(COMBINATION_SEP) if p.strip()]
+
+
+def _parts_function(parts_of: PartsOf) -> Callable[[str], list[str]]:
+    if parts_of is None:
+        return _split_parts
+    if isinstance(parts_of, Mapping):
+        return lambda label: list(parts_of[label]) if label in parts_of else _split_parts(label)
+    return lambda label: list(parts_of(label))
+
+
+def _check_ate_frame(frame: Any, name: str) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame):
+        raise CellpertInputError(
+            f"{name} must be a genes x labels DataFrame (as returned by data_ate)."
+        )
+    return frame
+
+
+def additive_baseline(
+    train_ate: pd.DataFrame, labels: Sequence[str], parts_of: PartsOf = None
+) -> pd.DataFrame:
+    """Additive baseline: the effect of "A+B" is effect(A) + effect(B) (MODELS.md §3).
+
+    Single effects are the training ATEs of the single-perturbation labels. A
+    combination is always predicted as the sum of its parts' single effects, even when
+    the combination itself is in ``train_ate``; a single seen in training is predicted by
+    its own training effect.
+
+    When a part P has no single-perturbation label in ``train_ate``, its effect is
+    estimated from the training combinations that contain it and whose other parts all
+    have single effects: the mean over those combinations C of
+    ATE_C − Σ_{Q ∈ C, Q ≠ P} effect(Q). When no such combination exists, every label
+    needing P is predicted as NaN and a :class:`~cellpert.CellpertWarning` names them
+    (:func:`ate_metrics` leaves NaN predictions out of the overall figures).
+
+    Parameters
+    ----------
+    train_ate
+        genes x labels training ATEs (:func:`data_ate` on the training cells).
+    labels
+        Labels to predict (e.g. the held-out combinations). A label with no parts
+        (control) is predicted as 0.
+    parts_of
+        Perturbations making up a label: a callable such as ``screen.label_parts``, a
+        dict (labels it lacks are split on ``"+"``), or None to split on ``"+"``.
+
+    Returns
+    -------
+    pd.DataFrame
+        genes x ``labels`` predicted ATEs, same gene index as ``train_ate``.
+    """
+    train_ate = _check_ate_frame(train_ate, "train_ate")
+    parts = _parts_function(parts_of)
+    labels = [str(label) for label in labels]
+    train_parts = {str(c): parts(str(c)) for c in train_ate.columns}
+    single: dict[str, np.ndarray] = {}
+    for col, ps in train_parts.items():
+        if len(ps) == 1:
+            single[ps[0]] = train_ate[col].to_numpy(dtype=np.float64)
+
+    needed = sorted({p for label in labels for p in parts(label)} - set(single))
+    effect = dict(single)
+    unresolved = []
+    for p in needed:
+        estimates = [
+            train_ate[col].to_numpy(dtype=np.float64) - sum(single[q] for q in ps if q != p)
+            for col, ps in train_parts.items()
+            if len(ps) > 1 and p in ps and all(q in single for q in ps if q != p)
+        ]
+        if estimates:
+            effect[p] = np.mean(estimates, axis=0)
+            logger.info(
+                "additive baseline: effect of %s estimated from %d combination(s)",
+                p,
+                len(estimates),
+            )
+        else:
+            unresolved.append(p)
+
+    n_genes = train_ate.shape[0]
+    out = np.zeros((n_genes, len(labels)))
+    missing_labels = []
+    for j, label in enumerate(labels):
+        ps = parts(label)
+        if any(p not in effect for p in ps):
+            out[:, j] = np.nan
+            missing_labels.append(label)
+            continue
+        for p in ps:
+            out[:, j] += effect[p]
+    if missing_labels:
+        warnings.warn(
+            f"additive baseline: no training effect for {', '.join(unresolved[:5])}"
+            f"{' and more' if len(unresolved) > 5 else ''} (neither as a single nor inferable "
+            f"from training combinations); {len(missing_labels)} label(s) predicted as NaN "
+            f"(e.g. {', '.join(missing_labels[:3])}).",
+            CellpertWarning,
+            stacklevel=2,
+        )
+    return pd.DataFrame(out, index=train_ate.index, columns=pd.Index(labels, name="label"))
+
+
+def mean_baseline(train_ate: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
+    """Mean baseline: every label predicted as the mean training effect (MODELS.md §3).
+
+    Parameters
+    ----------
+    train_ate
+        genes x labels training ATEs; the mean is taken over all its columns (every
+        training perturbation label, singles and combinations; NaN entries skipped).
+    labels
+        Labels to predict.
+
+    Returns
+    -------
+    pd.DataFrame
+        genes x ``labels``, every column equal to the row-wise mean of ``train_ate``.
+    """
+    train_ate = _check_ate_frame(train_ate, "train_ate")
+    if train_ate.shape[1] == 0:
+        raise CellpertInputError("train_ate has no labels: there is no training effect to average.")
+    mean = train_ate.to_numpy(dtype=np.float64)
+    mean = np.nanmean(mean, axis=1) if np.isnan(mean).any() else mean.mean(axis=1)
+    labels = [str(label) for label in labels]
+    out = np.repeat(mean[:, None], len(labels), axis=1)
+    return pd.DataFrame(out, index=train_ate.index, columns=pd.Index(labels, name="label"))
+
+
+# -------------------------------------------------------------------------- metrics
+def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of matching columns; NaN where either column is constant."""
+    ac = a - a.mean(axis=0)
+    bc = b - b.mean(axis=0)
+    na = np.sqrt((ac**2).sum(axis=0))
+    nb = np.sqrt((bc**2).sum(axis=0))
+    den = na * nb
+    scale_a = np.maximum(np.abs(a).max(axis=0), 1e-300)
+    scale_b = np.maximum(np.abs(b).max(axis=0), 1e-300)
+    const = (np.ptp(a, axis=0) <= 1e-12 * scale_a) | (np.ptp(b, axis=0) <= 1e-12 * scale_b)
+    r = np.full(a.shape[1], np.nan)
+    ok = ~const & (den > 0)
+    r[ok] = np.clip((ac[:, ok] * bc[:, ok]).sum(axis=0) / den[ok], -1.0, 1.0)
+    return r
+
+
+def _r2_columns(data: np.ndarray, model: np.ndarray) -> np.ndarray:
+    """R² = 1 − SS_res / SS_tot of matching columns; NaN where data is constant."""
+    ss_res = ((data - model) ** 2).sum(axis=0)
+    dc = data - data.mean(axis=0)
+    ss_tot = (dc**2).sum(axis=0)
+    r2 = np.full(data.shape[1], np.nan)
+    ok = ss_tot > 0
+    r2[ok] = 1.0 - ss_res[ok] / ss_tot[ok]
+    return r2
+
+
+def _overall(data: np.ndarray, model: np.ndarray) -> tuple[float, float]:
+    if data.size < 2:
+        return float("nan"), float("nan")
+    r = float(_pearson_columns(data[:, None], model[:, None])[0])
+    return r, float(r2_score(data, model))
+
+
+def ate_metrics(
+    data_ate: pd.DataFrame, pred_ate: pd.DataFrame, *, top_n: int = 20
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Pearson r and R² between data and predicted ATEs (MODELS.md §6).
+
+    Overall figures use the flattened perturbations x genes matrix (R² is
+    ``sklearn.metrics.r2_score(data, model)`` on it, so all-zero genes are harmless);
+    the "top" versions use, for each perturbation, the ``top_n`` genes with the largest
+    \\|data ATE\\| (ties broken by gene order), flattened across perturbations. Per-
+    perturbation values are computed on each column; they are NaN where a vector is
+    constant. Predicted columns holding NaN (e.g. an additive baseline that could not
+    predict a label) get NaN per-perturbation values and are left out of the overall
+    figures, with a :class:`~cellpert.CellpertWarning`.
+
+    Parameters
+    ----------
+    data_ate
+        genes x labels data ATEs (:func:`data_ate`, e.g. on the test cells); its labels
+        are the perturbations evaluated.
+    pred_ate
+        genes x labels predicted ATEs; must contain every label and gene of
+        ``data_ate`` (extra ones are ignored).
+    top_n
+        Genes per perturbation of the "top" metrics (MODELS.md uses 20).
+
+    Returns
+    -------
+    per_perturbation : pd.DataFrame
+        One row per label: ``pearson``, ``r2``, ``pearson_top``, ``r2_top``, ``n_cells``
+        (from ``data_ate.attrs["n_cells"]``; NaN when unknown).
+    summary : dict
+        ``pearson``, ``r2``, ``pearson_top``, ``r2_top`` (overall), ``top_n`` (genes
+        actually used per perturbation), ``n_perturbations`` (used in the overall
+        figures), ``n_excluded`` (labels left out for NaN predictions) and ``n_genes``.
+
+    Raises
+    ------
+    CellpertInputError
+        When ``pred_ate`` lacks labels or genes of ``data_ate``, ``data_ate`` holds NaN,
+        or ``top_n`` < 1.
+    """
+    data_ate = _check_ate_frame(data_ate, "data_ate")
+    pred_ate = _check_ate_frame(pred_ate, "pred_ate")
+    if int(top_n) < 1:
+        raise CellpertInputError(f"top_n must be at least 1, not {top_n}.")
+    labels = list(data_ate.columns)
+    missing = [c for c in labels if c not in pred_ate.columns]
+    if missing:
+        raise CellpertInputError(
+            f"the prediction has no column for {len(missing)} label(s) of the data ATE "
+            f"(e.g. {', '.join(map(str, missing[:3]))}); predict every evaluated label."
+        )
+    missing_genes = data_ate.index.difference(pred_ate.index)
+    if len(missing_genes):
+        raise CellpertInputError(
+            f"the prediction lacks {len(missing_genes)} gene(s) of the data ATE "
+            f"(e.g. {', '.join(map(str, missing_genes[:3]))}); use the same genes."
+        )
+    data = data_ate.to_numpy(dtype=np.float64)
+    pred = pred_ate.loc[data_ate.index, labels].to_numpy(dtype=np.float64)
+    if np.isnan(data).any():
+        raise CellpertInputError("the data ATE contains NaN; recompute it with data_ate().")
+    n_genes = data.shape[0]
+    n = min(int(top_n), n_genes)
+
+    valid = ~np.isnan(pred).any(axis=0)
+    if not valid.all():
+        warnings.warn(
+            f"{int((~valid).sum())} predicted label(s) contain NaN (e.g. "
+            f"{', '.join(str(labels[j]) for j in np.flatnonzero(~valid)[:3])}); they are left "
+            "out of the overall metrics.",
+            CellpertWarning,
+            stacklevel=2,
+        )
+
+    # per perturbation, all genes
+    pearson = _pearson_columns(data, pred)
+    r2 = _r2_columns(data, pred)
+    # per perturbation, top-n genes by |data ATE|
+    top = np.argsort(-np.abs(data), axis=0, kind="stable")[:n]
+    data_top = np.take_along_axis(data, top, axis=0)
+    pred_top = np.take_along_axis(pred, top, axis=0)
+    pearson_top = _pearson_columns(data_top, pred_top)
+    r2_top = _r2_columns(data_top, pred_top)
+    for arr in (pearson, r2, pearson_top, r2_top):
+        arr[~valid] = np.nan
+
+    n_cells_map = data_ate.attrs.get("n_cells", {}) or {}
+    per = pd.DataFrame(
+        {
+            "pearson": pearson,
+            "r2": r2,
+            "pearson_top": pearson_top,
+            "r2_top": r2_top,
+            "n_cells": [float(n_cells_map.get(str(c), np.nan)) for c in labels],
+        },
+        index=pd.Index(labels, name="label"),
+    )
+
+    r_all, r2_all = _overall(data[:, valid].ravel(), pred[:, valid].ravel())
+    r_top, r2_t = _overall(data_top[:, valid].ravel(), pred_top[:, valid].ravel())
+    summary = {
+        "pearson": r_all,
+        "r2": r2_all,
+        "pearson_top": r_top,
+        "r2_top": r2_t,
+        "top_n": n,
+        "n_perturbations": int(valid.sum()),
+        "n_excluded": int((~valid).sum()),
+        "n_genes": n_genes,
+    }
+    return per, summary
