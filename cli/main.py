@@ -40,6 +40,16 @@ class _State:
     debug = False
 
 
+class _StderrHandler(logging.Handler):
+    """Log lines to whatever ``sys.stderr`` is when they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - closed streams etc.
+            self.handleError(record)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"cellpert {__version__}")
@@ -58,7 +68,9 @@ def _root(
     """cellpert: perturbation models for single-cell screens."""
     _State.debug = debug
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", force=True)
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [_StderrHandler()]
+    root.setLevel(level)
     logging.getLogger("cellpert").setLevel(level)
     for noisy in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning", "anndata", "numba"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -15,6 +15,7 @@ from cellpert.data._screen import (
 )
 from cellpert.data._splits import (
     DEFAULT_SPLIT_KEY,
+    SPLIT_NAMES,
     combination_split,
     eligible_heldout_combinations,
     heldout_perturbation_split,
@@ -32,6 +33,7 @@ from cellpert.data._validate import (
 __all__ = [
     "CONTROL_SPELLINGS",
     "DEFAULT_SPLIT_KEY",
+    "SPLIT_NAMES",
     "UNS_KEY",
     "CountSummary",
     "PerturbationScreen",

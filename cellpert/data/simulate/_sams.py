@@ -1,0 +1,236 @@
+"""The SAMS-VAE simulation (Bereket & Karaletsos 2023; MODELS.md §8), with count noise."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anndata as ad
+import numpy as np
+
+from cellpert._errors import CellpertInputError
+from cellpert.data.simulate._common import (
+    CONTROL_LABEL,
+    LEAKY_SLOPE,
+    build_adata,
+    check_int,
+    check_positive,
+    check_probability,
+    check_sizes,
+    child_rngs,
+    draw_library_size,
+    perturbation_names,
+    random_mlp,
+    sample_counts,
+    string_array,
+)
+
+__all__ = ["simulate_sams"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def simulate_sams(
+    *,
+    seed: int = 0,
+    n_perturbations: int = 100,
+    n_latent: int = 15,
+    mask_prob: float = 2 / 15,
+    n_cells_per_perturbation: Sequence[int] = (50, 10, 10),
+    n_control_cells: Sequence[int] = (50, 10, 10),
+    n_combinations: int = 0,
+    n_genes: int = 100,
+    library_size: float = 2000.0,
+    library_size_log_sd: float = 0.3,
+    nb_theta: float = 10.0,
+    decoder_hidden: Sequence[int] = (50, 50, 50, 50),
+    effect_mean: float = 5.0,
+    effect_sd: float = 0.5,
+) -> ad.AnnData:
+    """Simulate a screen with sparse additive mechanism shifts, as in the SAMS-VAE paper.
+
+    Generative story (MODELS.md §2, §8):
+
+    1. mask m_tk ~ Bernoulli(``mask_prob``) (T x K). A perturbation whose mask row came out
+       all zero gets one dimension chosen uniformly, so that every perturbation acts; the
+       expected mask density is therefore ``p + (1-p)^K / K`` (0.141 instead of 0.133 for
+       p = 2/15, K = 15);
+    2. embedding e_tk = sign · magnitude, sign ±1 with probability ½, magnitude ~
+       N(``effect_mean``, ``effect_sd``²); the shift of perturbation t is m_t ⊙ e_t;
+    3. basal state z^b_i ~ N(0, I_K); z_i = z^b_i + Σ_t D_it (m_t ⊙ e_t), where D_i has a 1
+       for each perturbation cell i received (two for a combination "A+B");
+    4. decoder: a random MLP K -> ``decoder_hidden`` -> G with leaky ReLUs (slope 0.2), no
+       biases, orthogonal variance-scaled weights (as in :func:`simulate_sparse_shift`);
+       its outputs are standardised per gene (mean 0, standard deviation 1 over all cells);
+    5. library size ℓ_i ~ LogNormal(log ``library_size``, ``library_size_log_sd``²) and
+       x_ig ~ NB(ℓ_i · softmax_g(logits_i), θ = ``nb_theta``). (The paper's continuous
+       version adds Gaussian noise instead; this is the count version.)
+
+    Combinations: ``n_combinations`` distinct unordered pairs of distinct perturbations,
+    drawn uniformly, labelled ``"P003+P045"`` (lower index first). Cells are grouped:
+    controls, then P000, P001, …, then the combinations (in sorted order). Within each
+    group the first cells are ``"train"``, the next ``"val"``, the last ``"test"`` (cells
+    of a group are exchangeable, so this is a random split).
+
+    Parameters
+    ----------
+    seed
+        Seed of :func:`numpy.random.default_rng`; the same seed gives identical arrays.
+    n_perturbations
+        T, the number of single perturbations (``P000``, ``P001``, …).
+    n_latent
+        K, the latent dimension.
+    mask_prob
+        Probability of each mask entry, in (0, 1).
+    n_cells_per_perturbation
+        (train, val, test) cells of each perturbation and each combination (the paper
+        uses (500, 100, 100)).
+    n_control_cells
+        (train, val, test) control cells (at least one in total).
+    n_combinations
+        Number of double perturbations "A+B" (at most T(T-1)/2).
+    n_genes
+        G.
+    library_size
+        Median library size.
+    library_size_log_sd
+        Standard deviation of log ℓ_i.
+    nb_theta
+        Inverse dispersion θ of the negative binomial.
+    decoder_hidden
+        Widths of the decoder's hidden layers.
+    effect_mean, effect_sd
+        Mean and standard deviation of the embedding magnitudes.
+
+    Returns
+    -------
+    AnnData with
+
+    - ``X``: CSR float32 counts, cells x genes;
+    - ``obs['perturbation']``: ``"control"``, ``"P000"``…, ``"P003+P045"``… (categorical);
+    - ``obs['cellpert_split']``: train / val / test in the given numbers per label;
+    - ``obs['true_library_size']``: ℓ_i;
+    - ``obsm['X_true_latent']``: z (cells x K, float32);
+    - ``obsm['X_true_basal']``: z^b (cells x K, float32);
+    - ``uns['cellpert']['screen']``: perturbation key and control label;
+    - ``uns['cellpert']['ground_truth']``: ``simulator`` (``"sams"``), ``seed``, ``params``,
+      ``perturbation_names`` (T), ``effects`` (E, T x K float64), ``mask`` (T x K int8),
+      ``shift`` (mask ⊙ E, T x K float64), ``combinations`` (labels, C),
+      ``combination_parts`` (C x 2 int64 row indices into ``perturbation_names``) and
+      ``decoder`` (``W0``…, ``negative_slope``, ``center``, ``scale``).
+
+    Raises
+    ------
+    CellpertInputError
+        For sizes or options out of range.
+    """
+    params = dict(
+        seed=seed, n_perturbations=n_perturbations, n_latent=n_latent, mask_prob=mask_prob,
+        n_cells_per_perturbation=tuple(np.atleast_1d(n_cells_per_perturbation).tolist()),
+        n_control_cells=tuple(np.atleast_1d(n_control_cells).tolist()),
+        n_combinations=n_combinations, n_genes=n_genes, library_size=library_size,
+        library_size_log_sd=library_size_log_sd, nb_theta=nb_theta,
+        decoder_hidden=tuple(np.atleast_1d(decoder_hidden).tolist()), effect_mean=effect_mean,
+        effect_sd=effect_sd,
+    )  # fmt: skip
+    n_pert = check_int("n_perturbations", n_perturbations, minimum=1)
+    n_latent = check_int("n_latent", n_latent, minimum=1)
+    mask_prob = check_probability("mask_prob", mask_prob)
+    cells = check_sizes("n_cells_per_perturbation", n_cells_per_perturbation, n=3)
+    controls = check_sizes("n_control_cells", n_control_cells, n=3)
+    n_pairs = n_pert * (n_pert - 1) // 2
+    n_combos = check_int("n_combinations", n_combinations, minimum=0, maximum=n_pairs)
+    n_genes = check_int("n_genes", n_genes, minimum=1)
+    library_size = check_positive("library_size", library_size)
+    library_size_log_sd = check_positive("library_size_log_sd", library_size_log_sd, allow_zero=True)
+    nb_theta = check_positive("nb_theta", nb_theta)
+    effect_sd = check_positive("effect_sd", effect_sd)
+    effect_mean = float(effect_mean)
+    hidden = [check_int("decoder_hidden", h, minimum=1) for h in np.atleast_1d(decoder_hidden)]
+    if not hidden:
+        raise CellpertInputError("decoder_hidden (--decoder-hidden) needs at least one layer width, e.g. 50.")
+    rng_effects, rng_decoder, rng_cells, rng_counts, rng_combos = child_rngs(seed, 5)
+
+    # --- mechanism shifts (T x K)
+    # sparse mask m_tk ~ Bernoulli(mask_prob)
+    mask = rng_effects.random((n_pert, n_latent)) < mask_prob
+    # a perturbation with an empty mask row gets one target dimension ~ Uniform{0, …, K-1}
+    empty = np.flatnonzero(~mask.any(axis=1))
+    mask[empty, rng_effects.integers(0, n_latent, size=len(empty))] = True
+    # sign of each embedding entry: ±1 with probability 1/2
+    sign = rng_effects.choice(np.array([-1.0, 1.0]), size=(n_pert, n_latent))
+    # magnitude of each embedding entry ~ N(effect_mean, effect_sd²)
+    magnitude = rng_effects.normal(effect_mean, effect_sd, size=(n_pert, n_latent))
+    embedding = sign * magnitude
+    mask = mask.astype(np.int8)
+    shift = mask * embedding
+
+    # --- combinations: distinct unordered pairs of distinct perturbations
+    parts = _sample_pairs(rng_combos, n_pert, n_combos)
+    names = perturbation_names(n_pert)
+    combo_labels = [f"{names[a]}+{names[b]}" for a, b in parts]
+
+    # --- cells: control, singles, combinations; shift of each group = D_group · shift
+    group_shift = np.vstack([np.zeros((1, n_latent)), shift, shift[parts[:, 0]] + shift[parts[:, 1]]])
+    n_groups = 1 + n_pert + n_combos
+    group_sizes = np.array([sum(controls)] + [sum(cells)] * (n_pert + n_combos))
+    group = np.repeat(np.arange(n_groups), group_sizes)
+    # basal state z^b_i ~ N(0, I_K)
+    z_basal = rng_cells.standard_normal((len(group), n_latent)).astype(np.float32)
+    # latent state z_i = z^b_i + D_i (m ⊙ e)  (deterministic given z^b and D)
+    z = (z_basal + group_shift[group]).astype(np.float32)
+    # library size ℓ_i ~ LogNormal(log library_size, library_size_log_sd²)
+    library = draw_library_size(rng_cells, len(group), median=library_size, log_sd=library_size_log_sd)
+
+    # --- decoder f: K -> hidden… -> G, outputs standardised per gene
+    decoder = random_mlp(rng_decoder, [n_latent, *hidden, n_genes], negative_slope=LEAKY_SLOPE)
+    decoder = decoder.standardised(z, per_output=True, center=True)
+    counts, _ = sample_counts(
+        rng_counts, z, decoder, normalise="genes", library_size=library, likelihood="nb", theta=nb_theta
+    )
+
+    # --- split: the first cells of each group train, then val, then test
+    split = np.concatenate(
+        [np.repeat(SPLITS, controls)] + [np.repeat(SPLITS, cells)] * (n_pert + n_combos)
+    ).astype(object)
+
+    ground_truth = {
+        "simulator": "sams",
+        "seed": int(seed),
+        "params": params,
+        "perturbation_names": string_array(names),
+        "effects": embedding,
+        "mask": mask,
+        "shift": shift,
+        "combinations": string_array(combo_labels),
+        "combination_parts": parts.astype(np.int64),
+        "decoder": decoder.to_uns(),
+    }
+    return build_adata(
+        counts=counts,
+        group_labels=[CONTROL_LABEL, *names, *combo_labels],
+        group_of_cell=group,
+        split=split,
+        obsm={"X_true_latent": z, "X_true_basal": z_basal},
+        obs={"true_library_size": library.astype(np.float32)},
+        ground_truth=ground_truth,
+    )
+
+
+def _sample_pairs(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``size`` distinct pairs (a, b), a < b < n, uniformly, sorted; shape (size, 2).
+
+    Pairs are indexed k = b(b-1)/2 + a, so no list of all pairs is built.
+    """
+    if size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    # indices of the chosen pairs, uniformly without replacement among n(n-1)/2
+    k = rng.choice(n * (n - 1) // 2, size=size, replace=False).astype(np.int64)
+    b = ((1 + np.sqrt(1 + 8 * k.astype(np.float64))) // 2).astype(np.int64)
+    b -= (b * (b - 1) // 2) > k  # guard against rounding up
+    b += ((b + 1) * b // 2) <= k  # guard against rounding down
+    a = k - b * (b - 1) // 2
+    pairs = np.column_stack([a, b])
+    return pairs[np.lexsort((b, a))]
