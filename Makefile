@@ -9,7 +9,7 @@ STAMP := $(VENV)/.cellpert-installed
 DEMO_DIR ?= demo_out
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install test test-slow lint demo clean data-norman data-replogle data-replogle-gwps data-kang
+.PHONY: help install test test-slow lint demo clean bench-norman bench-sparse-shift data-norman data-replogle data-replogle-gwps data-kang
 RAW_DIR ?= data/raw
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make test       ruff + the default test suite (installs first)"
 	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
 	@echo "make install    create .venv and install cellpert with the tested versions"
+	@echo "make bench-norman / bench-sparse-shift   the papers' benchmarks (long; BENCH_ARGS=--quick)"
 	@echo "make data-norman / data-replogle / data-kang   fetch a public screen (needs internet)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -37,12 +38,22 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 demo: $(STAMP)
-	mkdir -p $(DEMO_DIR)
-	$(BIN)/cellpert simulate sams -o $(DEMO_DIR)/screen.h5ad --seed 0
+	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
+	$(BIN)/cellpert simulate sams -o $(DEMO_DIR)/screen.h5ad --seed 0 --n-perturbations 30 --n-latent 8 --n-combinations 6
 	$(BIN)/cellpert inspect $(DEMO_DIR)/screen.h5ad
+	$(BIN)/cellpert train $(DEMO_DIR)/screen.h5ad --model samsvae --out $(DEMO_DIR)/run --n-latent 8 --max-steps 300 --batch-size 256 --lr 3e-3 --quiet
+	$(BIN)/cellpert evaluate-ate $(DEMO_DIR)/screen.h5ad --model $(DEMO_DIR)/run --n-particles 500 --report $(DEMO_DIR)/ate_report.html
+	$(BIN)/cellpert export-latents $(DEMO_DIR)/screen.h5ad --model $(DEMO_DIR)/run
+	@echo "demo done: results in $(DEMO_DIR)/screen.h5ad, report in $(DEMO_DIR)/ate_report.html"
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
+
+# Benchmarks (print tables; see benchmarks/RESULTS_*.md). BENCH_ARGS=--quick for a smoke run.
+bench-norman: $(STAMP)
+	$(BIN)/python benchmarks/norman_combinations.py --steps 2000 $(BENCH_ARGS)
+bench-sparse-shift: $(STAMP)
+	$(BIN)/python benchmarks/sparse_shift_benchmark.py $(BENCH_ARGS)
 
 # Public screens (need internet; see data_recipes/README.md)
 data-norman: $(STAMP)

@@ -16,8 +16,11 @@ import typer
 
 from cellpert import __version__
 from cellpert._errors import CellpertError, CellpertWarning
+from cellpert_cli._evaluate import evaluate_ate
+from cellpert_cli._export import export_latents
 from cellpert_cli._inspect import inspect
 from cellpert_cli._simulate import simulate_app
+from cellpert_cli._train import train
 
 #: Exit code for input the user can fix; unexpected failures exit with 1.
 EXIT_INPUT_ERROR = 2
@@ -78,6 +81,9 @@ def _root(
 
 app.add_typer(simulate_app, name="simulate", help="Simulate a screen with known ground truth (MODELS.md §8).")
 app.command("inspect")(inspect)
+app.command("train")(train)
+app.command("export-latents")(export_latents)
+app.command("evaluate-ate")(evaluate_ate)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001

@@ -149,6 +149,10 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
             os.fsync(fh.fileno())
         if path.exists():
             shutil.copymode(path, tmp)
+        else:  # mkstemp creates 0600; a new result file gets the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         _fsync_directory(directory)
     except BaseException:

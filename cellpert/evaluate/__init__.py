@@ -1,4 +1,4 @@
-"""Average treatment effects, baselines, metrics and identifiability (MODELS.md §3, §6, §7)."""
+"""Average treatment effects, baselines, metrics, evaluation and identifiability (MODELS.md §3, §6, §7)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ from cellpert.evaluate._ate import (
     mean_baseline,
     perturbseq_transform,
 )
+from cellpert.evaluate._evaluate import (
+    AteEvaluation,
+    compute_ate_evaluation,
+    evaluate_ate,
+    label_splits,
+    write_ate_results,
+)
 from cellpert.evaluate._identifiability import (
     MCCResult,
     align_latents,
@@ -20,20 +27,31 @@ from cellpert.evaluate._identifiability import (
     match_latents,
     mcc,
 )
+from cellpert.evaluate._model_ate import ModelATE, model_ate
+from cellpert.evaluate._report import ate_report_figure, write_ate_report
 
 __all__ = [
+    "AteEvaluation",
     "MCCResult",
+    "ModelATE",
     "additive_baseline",
     "align_latents",
+    "ate_report_figure",
     "ate_from_counts",
     "ate_metrics",
     "block_leakage",
+    "compute_ate_evaluation",
     "data_ate",
+    "evaluate_ate",
     "ica_rotate",
+    "label_splits",
     "linear_r2",
     "mask_recovery",
     "match_latents",
     "mcc",
     "mean_baseline",
+    "model_ate",
     "perturbseq_transform",
+    "write_ate_report",
+    "write_ate_results",
 ]

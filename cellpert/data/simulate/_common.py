@@ -411,7 +411,7 @@ def build_adata(
         adata.obsm[key] = np.ascontiguousarray(value, dtype=np.float32)
     record_screen_keys(adata, perturbation_key=PERTURBATION_KEY, control=CONTROL_LABEL)
     adata.uns[UNS_KEY][GROUND_TRUTH_KEY] = to_uns(dict(ground_truth))
-    logger.info(
+    logger.debug(
         "simulated %s: %d cells x %d genes, %d labels",
         ground_truth.get("simulator"), n_cells, n_genes, len(group_labels),
     )

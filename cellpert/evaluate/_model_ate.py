@@ -1,0 +1,256 @@
+"""Model average treatment effects from posterior predictive particles (MODELS.md §6).
+
+Works with any model exposing the prediction protocol of the cellpert models
+(SAMS-VAE family now, sVAE later):
+
+- ``model.perturbation_names``: the columns of the dosage matrix D;
+- ``model.dosage_from_labels(labels, control=...)``: (R, T) dosage rows for labels;
+- ``model.get_predictive_means(dosage, *, n_samples, library_size, transform, seed,
+  chunk_size)``: (R, G) mean over ``n_samples`` posterior predictive particles of the
+  transformed counts, with ``library_size`` a scalar or one value per row.
+
+The model ATE of label t is the predictive mean of t's row minus that of the control
+row, computed for all labels at once (one vectorised call per group of particles and
+block of labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from cellpert._errors import CellpertInputError
+
+__all__ = ["ModelATE", "model_ate"]
+
+logger = logging.getLogger(__name__)
+
+LibrarySize = Literal["fixed", "empirical"]
+#: Default ℓ of the "fixed" library size (MODELS.md §6).
+FIXED_LIBRARY_SIZE = 1e4
+#: ATE space -> ``get_predictive_means`` transform.
+_TRANSFORMS = {"perturbseq": "perturbseq", "mean": "counts"}
+
+
+@dataclass
+class ModelATE:
+    """A model's ATEs with their Monte Carlo intervals (genes x labels DataFrames)."""
+
+    ate: pd.DataFrame
+    """genes x labels: mean over all particles of the label's row minus the control row."""
+    lo: pd.DataFrame
+    """Lower end of the per-gene interval (see :func:`model_ate`)."""
+    hi: pd.DataFrame
+    """Upper end of the per-gene interval."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """How it was computed (particles, groups, library size, seed, ...)."""
+
+
+def _group_seeds(seed: int, n: int) -> list[int]:
+    """Independent 31-bit seeds derived from ``seed`` (one per group and label block)."""
+    state = np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint32)
+    return [int(s) & 0x7FFFFFFF for s in state]
+
+
+def model_ate(
+    model: Any,
+    labels: Sequence[str],
+    *,
+    control: str | Sequence[str] = "control",
+    n_particles: int = 2500,
+    n_groups: int = 50,
+    library_size: LibrarySize | float = "fixed",
+    control_library_sizes: np.ndarray | None = None,
+    space: Literal["perturbseq", "mean"] = "perturbseq",
+    interval: float = 0.9,
+    seed: int = 0,
+    max_rows: int = 512,
+    chunk_size: int | None = None,
+    gene_names: Sequence[str] | pd.Index | None = None,
+) -> ModelATE:
+    """Model ATE of every label relative to control, with a per-gene Monte Carlo interval.
+
+    The ``n_particles`` particles are split into ``n_groups`` groups of (nearly) equal
+    size. Each group is one call of ``model.get_predictive_means`` on the rows
+    ``[control, label_1, ..., label_R]`` (at most ``max_rows`` labels per call; every
+    block of labels carries its own control row) with its own seed, and gives one ATE
+    estimate per label and gene: ``mean_t - mean_control`` over that group's particles
+    (each particle: fresh (E, M) from q, fresh z^b ~ N(0, I) per row, NB counts,
+    transform). The reported ATE is the particle-weighted mean of the group estimates,
+    i.e. the mean over all ``n_particles`` particles (MODELS.md §6).
+
+    **What the interval measures.** ``lo`` / ``hi`` form a batch-means Monte Carlo
+    confidence interval of level ``interval`` for the reported ATE:
+    ``ate ± t_{(1+interval)/2, n_groups-1} · sd_groups / sqrt(n_groups)``, where
+    ``sd_groups`` is the standard deviation of the group estimates across groups. It says
+    how precisely ``n_particles`` particles pin down the model's predictive ATE (the value
+    at infinitely many particles), so that differences smaller than it are Monte Carlo
+    noise. It is *not* a posterior credible interval of the effect: every particle draws
+    fresh globals (E, M) from q, so the posterior's uncertainty is averaged into the
+    predictive mean rather than spread into the interval. With
+    ``library_size="empirical"`` the interval also covers the variation due to the
+    sampled library sizes. Only sums and sums of squares over groups are kept (memory
+    ``O(labels x genes)`` whatever ``n_groups``).
+
+    Parameters
+    ----------
+    model
+        A trained model with the prediction protocol (module docstring).
+    labels
+        Labels to predict (``"A"``, ``"A+B"``); control labels are not allowed.
+    control
+        Control label(s), passed to ``model.dosage_from_labels``.
+    n_particles
+        Posterior predictive particles S (paper: 2,500).
+    n_groups
+        Groups of particles for the interval (at least 2, at most ``n_particles``).
+    library_size
+        ``"fixed"``: ℓ = 1e4 for every row (MODELS.md §6); a number: that fixed ℓ;
+        ``"empirical"``: for every group and every row, ℓ is drawn (with replacement)
+        from ``control_library_sizes`` — the observed library sizes of the control
+        cells — so the predicted expression has the data's count depth (the
+        perturbseq transform removes the depth from the mean but not its sparsity).
+    control_library_sizes
+        Observed control-cell library sizes (needed for ``"empirical"``).
+    space
+        ``"perturbseq"`` (y = log2(1e4 x / Σ_g x + 1)) or ``"mean"`` (raw counts,
+        meaningful with ``"empirical"`` library sizes).
+    interval
+        Level of the interval, in (0, 1).
+    seed
+        Seeds every draw; the same seed gives the same result.
+    max_rows
+        Labels per vectorised call (bounds memory for very many labels).
+    chunk_size
+        Particles per vectorised chunk inside a call (default: the model's).
+    gene_names
+        Index of the results (default ``0..G-1``).
+
+    Returns
+    -------
+    ModelATE
+        ``ate``, ``lo``, ``hi`` (genes x labels, float64) and ``config``.
+
+    Raises
+    ------
+    CellpertInputError
+        For an empty label list, a control label among the labels, unknown
+        perturbations, or invalid options.
+    """
+    labels = [str(label) for label in labels]
+    controls = [control] if isinstance(control, str) else [str(c) for c in control]
+    if not labels:
+        raise CellpertInputError("no labels to predict; give at least one perturbation label.")
+    if len(set(labels)) != len(labels):
+        raise CellpertInputError("the labels to predict contain duplicates; give each label once.")
+    bad = [label for label in labels if label in controls]
+    if bad:
+        raise CellpertInputError(f"{bad[0]!r} is a control label; the ATE of control is 0 by definition.")
+    n_particles = int(n_particles)
+    n_groups = int(n_groups)
+    if n_particles < 2:
+        raise CellpertInputError(f"n_particles must be at least 2, not {n_particles}.")
+    if not 2 <= n_groups <= n_particles:
+        raise CellpertInputError(f"n_groups must be between 2 and n_particles ({n_particles}), not {n_groups}.")
+    if not 0.0 < float(interval) < 1.0:
+        raise CellpertInputError(f"interval must lie in (0, 1), e.g. 0.9, not {interval}.")
+    if space not in _TRANSFORMS:
+        raise CellpertInputError(f"space must be 'perturbseq' or 'mean', not {space!r}.")
+    if int(max_rows) < 1:
+        raise CellpertInputError(f"max_rows must be a positive integer, not {max_rows}.")
+
+    empirical = isinstance(library_size, str) and library_size == "empirical"
+    if isinstance(library_size, str) and not empirical and library_size != "fixed":
+        raise CellpertInputError(f"library_size must be 'fixed', 'empirical' or a number, not {library_size!r}.")
+    fixed_value = FIXED_LIBRARY_SIZE if library_size == "fixed" else (None if empirical else float(library_size))
+    if fixed_value is not None and not fixed_value > 0:
+        raise CellpertInputError(f"the library size must be positive, not {library_size}.")
+    pool = None
+    if empirical:
+        if control_library_sizes is None:
+            raise CellpertInputError(
+                "library_size='empirical' needs the control cells' library sizes (control_library_sizes)."
+            )
+        pool = np.asarray(control_library_sizes, dtype=np.float64).ravel()
+        pool = pool[np.isfinite(pool) & (pool > 0)]
+        if pool.size == 0:
+            raise CellpertInputError("no control cell with a positive library size to sample from.")
+
+    dosage = np.asarray(model.dosage_from_labels(labels, control=controls), dtype=np.float32)
+    control_row = np.zeros((1, dosage.shape[1]), dtype=np.float32)
+    sizes = np.full(n_groups, n_particles // n_groups)
+    sizes[: n_particles % n_groups] += 1
+    blocks = [np.arange(s, min(s + int(max_rows), len(labels))) for s in range(0, len(labels), int(max_rows))]
+    seeds = _group_seeds(seed, n_groups * len(blocks) + 1)
+    lib_rng = np.random.default_rng(seeds[-1])
+    transform = _TRANSFORMS[space]
+
+    total = None  # Σ_g n_g · ate_g
+    total_sq = None  # Σ_g ate_g²  (unweighted, for the spread across groups)
+    total_plain = None  # Σ_g ate_g
+    for g, n_g in enumerate(sizes):
+        for b, rows in enumerate(blocks):
+            block = np.vstack([control_row, dosage[rows]])
+            lib: float | np.ndarray
+            lib = lib_rng.choice(pool, size=len(block), replace=True) if pool is not None else fixed_value
+            means = np.asarray(
+                model.get_predictive_means(
+                    block,
+                    n_samples=int(n_g),
+                    library_size=lib,
+                    transform=transform,
+                    seed=seeds[g * len(blocks) + b],
+                    chunk_size=chunk_size,
+                ),
+                dtype=np.float64,
+            )
+            est = (means[1:] - means[0]).T  # genes x block labels
+            if total is None:
+                n_genes = est.shape[0]
+                total = np.zeros((n_genes, len(labels)))
+                total_sq = np.zeros((n_genes, len(labels)))
+                total_plain = np.zeros((n_genes, len(labels)))
+            total[:, rows] += n_g * est
+            total_plain[:, rows] += est
+            total_sq[:, rows] += est**2
+        logger.debug("model ATE: group %d/%d done", g + 1, n_groups)
+
+    ate = total / n_particles
+    mean_g = total_plain / n_groups
+    var_g = np.maximum(total_sq - n_groups * mean_g**2, 0.0) / (n_groups - 1)
+    half = float(stats.t.ppf(0.5 + float(interval) / 2.0, n_groups - 1)) * np.sqrt(var_g / n_groups)
+    index = pd.Index(gene_names if gene_names is not None else np.arange(ate.shape[0]), name="gene")
+    if len(index) != ate.shape[0]:
+        raise CellpertInputError(f"{len(index)} gene names for a model with {ate.shape[0]} genes.")
+    columns = pd.Index(labels, name="label")
+    config = {
+        "n_particles": n_particles,
+        "n_groups": n_groups,
+        "library_size": "empirical" if empirical else float(fixed_value),
+        "space": space,
+        "interval": float(interval),
+        "interval_kind": "batch-means Monte Carlo confidence interval of the ATE",
+        "seed": int(seed),
+    }
+    if pool is not None:
+        config["control_library_median"] = float(np.median(pool))
+    logger.info(
+        "model ATE of %d labels from %d particles in %d groups (max half-width %.3g)",
+        len(labels),
+        n_particles,
+        n_groups,
+        float(np.max(half)) if half.size else math.nan,
+    )
+    return ModelATE(
+        ate=pd.DataFrame(ate, index=index, columns=columns),
+        lo=pd.DataFrame(ate - half, index=index, columns=columns),
+        hi=pd.DataFrame(ate + half, index=index, columns=columns),
+        config=config,
+    )

@@ -1,0 +1,194 @@
+"""Plots and an HTML report of an ATE evaluation (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from cellpert._errors import CellpertInputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from cellpert.evaluate._evaluate import AteEvaluation
+
+__all__ = ["ate_report_figure", "write_ate_report"]
+
+logger = logging.getLogger(__name__)
+
+#: Colours of the predictors in the bar chart.
+_COLOURS = {"model": "#1f77b4", "additive": "#d62728", "mean": "#7f7f7f"}
+
+
+def _labels_of(evaluation: AteEvaluation, split: str) -> list[str]:
+    per = evaluation.per_perturbation
+    if split == "all":
+        return list(per.index)
+    chosen = [label for label in per.index if split in str(per.loc[label, "split"]).split("+")]
+    return chosen or list(per.index)
+
+
+def ate_report_figure(evaluation: AteEvaluation, *, split: str = "test", top_n: int | None = None) -> Figure:
+    """Model vs data ATE scatter and per-perturbation metric bars.
+
+    Left: every (gene, label) pair of the split's labels, model ATE against data ATE
+    (grey), with each label's ``top_n`` genes by \\|data ATE\\| highlighted. Right: the
+    model's per-perturbation top-``top_n`` Pearson r as bars, with the additive (red
+    tick) and mean (grey tick) baselines marked. A data-only evaluation shows the data
+    ATE's largest effects instead.
+
+    Parameters
+    ----------
+    evaluation
+        From :func:`cellpert.evaluate.evaluate_ate` / ``compute_ate_evaluation``.
+    split
+        Labels to show (``train``, ``val``, ``test``, ``all``); all labels when the split
+        has none.
+    top_n
+        Highlighted genes per label (default: the evaluation's ``top_n``).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    top_n = int(top_n or evaluation.config.get("top_n", 20))
+    labels = _labels_of(evaluation, split)
+    data = evaluation.data_ate[labels].to_numpy(dtype=np.float64)
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    ax_scatter, ax_bars = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    n = min(top_n, data.shape[0])
+    top = np.argsort(-np.abs(data), axis=0, kind="stable")[:n]
+    top_mask = np.zeros_like(data, dtype=bool)
+    np.put_along_axis(top_mask, top, True, axis=0)
+
+    if evaluation.model_ate is None:
+        # data only: the size of each label's effects
+        ax_scatter.hist(data.ravel(), bins=60, color="#7f7f7f")
+        ax_scatter.set_xlabel("data ATE (all genes, all labels)")
+        ax_scatter.set_ylabel("count")
+        ax_scatter.set_yscale("log")
+        strength = np.sort(np.abs(data), axis=0)[::-1][:n].mean(axis=0)
+        order = np.argsort(-strength)
+        ax_bars.bar(np.arange(len(labels)), strength[order], color=_COLOURS["model"])
+        ax_bars.set_xticks(np.arange(len(labels)), [labels[i] for i in order], rotation=90, fontsize=7)
+        ax_bars.set_ylabel(f"mean |data ATE| of the top {n} genes")
+        fig.suptitle(f"data ATE, {len(labels)} labels ({split})")
+        return fig
+
+    model = evaluation.model_ate.ate[labels].to_numpy(dtype=np.float64)
+    ax_scatter.scatter(data[~top_mask], model[~top_mask], s=3, c="#bbbbbb", alpha=0.5, lw=0, label="other genes")
+    ax_scatter.scatter(
+        data[top_mask], model[top_mask], s=8, c=_COLOURS["model"], alpha=0.8, lw=0, label=f"top {n} genes per label"
+    )
+    lim = float(np.nanmax(np.abs(np.concatenate([data.ravel(), model.ravel()])))) * 1.05 or 1.0
+    ax_scatter.plot([-lim, lim], [-lim, lim], c="k", lw=0.7, ls="--")
+    ax_scatter.set_xlim(-lim, lim)
+    ax_scatter.set_ylim(-lim, lim)
+    ax_scatter.set_xlabel("data ATE")
+    ax_scatter.set_ylabel(f"model ATE ({evaluation.key})")
+    ax_scatter.legend(loc="upper left", fontsize=8, frameon=False)
+    summary = evaluation.summary
+    col = split if summary is not None and split in summary.columns else "all"
+    if summary is not None:
+        r, r_top = summary.loc["model_pearson", col], summary.loc["model_pearson_top", col]
+        ax_scatter.set_title(f"{len(labels)} labels ({col}): r = {r:.3f}, top-{n} r = {r_top:.3f}", fontsize=10)
+
+    per = evaluation.per_perturbation.loc[labels]
+    values = per["model_pearson_top"].to_numpy(dtype=np.float64)
+    order = np.argsort(-np.nan_to_num(values, nan=-2.0))
+    x = np.arange(len(labels))
+    ax_bars.bar(x, values[order], color=_COLOURS["model"], label="model")
+    for name, marker in (("additive", "_"), ("mean", "_")):
+        column = f"{name}_pearson_top"
+        if column in per.columns:
+            ax_bars.scatter(
+                x, per[column].to_numpy(dtype=np.float64)[order], marker=marker, s=180, lw=2.5,
+                c=_COLOURS[name], label=f"{name} baseline", zorder=3,
+            )  # fmt: skip
+    ax_bars.axhline(0, c="k", lw=0.6)
+    ax_bars.set_xticks(x, [labels[i] for i in order], rotation=90, fontsize=7)
+    ax_bars.set_ylabel(f"per-perturbation Pearson r, top {n} genes")
+    ax_bars.set_ylim(-1.05, 1.05)
+    ax_bars.legend(loc="lower left", fontsize=8, frameon=False)
+    return fig
+
+
+def _summary_table(evaluation: AteEvaluation) -> pd.DataFrame:
+    if evaluation.summary is None:
+        return evaluation.per_perturbation
+    return evaluation.summary
+
+
+def write_ate_report(
+    evaluation: AteEvaluation, path: str | os.PathLike, *, split: str = "test", dpi: int = 110
+) -> Path:
+    """Write the figure of :func:`ate_report_figure` as ``.png``, or an ``.html`` report.
+
+    The HTML report embeds the PNG (base64) and holds the summary table (metric x
+    split) and the per-perturbation table, so it is one self-contained file.
+
+    Parameters
+    ----------
+    evaluation
+        The evaluation.
+    path
+        Output file ending in ``.png`` or ``.html``.
+    split
+        Labels shown in the figure.
+    dpi
+        Resolution of the PNG.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".html", ".htm"):
+        raise CellpertInputError(f"--report {path}: use a .png or .html file name.")
+    if not path.parent.is_dir():
+        raise CellpertInputError(f"{path.parent}: no such directory for the report.")
+    fig = ate_report_figure(evaluation, split=split)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    png = buffer.getvalue()
+    if suffix == ".png":
+        path.write_bytes(png)
+        return path
+    encoded = base64.b64encode(png).decode("ascii")
+    title = f"cellpert ATE evaluation: {evaluation.key}"
+    settings = {k: v for k, v in evaluation.config.items() if k not in ("identity", "timings") and np.isscalar(v)}
+    identity = evaluation.config.get("identity") or {}
+    rows = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in {**{k: identity[k] for k in ("model", "run_dir") if k in identity}, **settings}.items()
+    )
+    doc = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#f4f4f4}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<img alt="model vs data ATE" src="data:image/png;base64,{encoded}" style="max-width:100%">
+<h2>Summary (metric x split)</h2>
+{_summary_table(evaluation).to_html(float_format=lambda v: f"{v:.4g}", na_rep="")}
+<h2>Per perturbation</h2>
+{evaluation.per_perturbation.to_html(float_format=lambda v: f"{v:.4g}", na_rep="")}
+<h2>Settings</h2><table>{rows}</table>
+</body></html>
+"""
+    path.write_text(doc, encoding="utf-8")
+    return path

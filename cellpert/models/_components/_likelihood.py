@@ -1,0 +1,55 @@
+"""Negative-binomial count likelihood with observed library size (MODELS.md §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions import GammaPoisson
+from torch import nn
+
+from cellpert.models._components._nn import ResidualMLP
+
+__all__ = ["NBDecoder", "nb_log_prob", "nb_sample"]
+
+
+def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Log-probability of counts under NB(mean ``mu``, inverse dispersion ``theta``).
+
+    Pyro's ``GammaPoisson(θ, θ/μ)`` is exactly this NB. Summed over the last (gene) axis.
+    """
+    return GammaPoisson(theta, theta / mu, validate_args=False).log_prob(x).sum(-1)
+
+
+def nb_sample(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Draw NB(mean ``mu``, inverse dispersion ``theta``) counts from torch's global RNG."""
+    return GammaPoisson(theta.expand_as(mu), theta / mu, validate_args=False).sample()
+
+
+class NBDecoder(nn.Module):
+    """``x_ig ~ NB(ℓ_i ρ_ig, θ_g)`` with ``ρ_i = softmax(W h(inputs) + b)``.
+
+    Parameters
+    ----------
+    n_inputs
+        Feature sizes of the decoder inputs (``[K]``, or ``[K, T]`` for the conditional VAE).
+    n_genes
+        G.
+    n_hidden, n_layers
+        Body of the residual MLP (paper: 400, 1).
+    """
+
+    def __init__(self, n_inputs: Sequence[int], n_genes: int, n_hidden: int, n_layers: int) -> None:
+        super().__init__()
+        self.body = ResidualMLP(n_inputs, n_hidden, n_layers)
+        self.out = nn.Linear(n_hidden, n_genes)
+        # θ_g = exp(log_theta_g), initialised to 1
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return torch.exp(self.log_theta)
+
+    def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """Normalised expression ρ (softmax over genes)."""
+        return torch.softmax(self.out(self.body(*inputs)), dim=-1)

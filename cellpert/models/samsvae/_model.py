@@ -1,0 +1,740 @@
+"""SAMS-VAE, CPA-VAE and the conditional VAE as scvi-tools models (MODELS.md §2–3)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField, NumericalObsField, ObsmField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from cellpert._errors import CellpertInputError
+from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
+from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
+from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
+from cellpert.models.samsvae._trainingplan import (
+    BestStateCallback,
+    PerturbationTrainingPlan,
+    TemperatureCallback,
+)
+
+__all__ = ["CPAVAE", "SAMSVAE", "ConditionalVAE"]
+
+logger = logging.getLogger(__name__)
+
+SplitName = Literal["train", "val", "test", "unused"]
+
+
+class _PerturbationVAE(UnsupervisedTrainingMixin, BaseModelClass):
+    """Shared model code of SAMS-VAE, CPA-VAE and the conditional VAE."""
+
+    _module_cls = PerturbationVAEModule
+    _training_plan_cls = PerturbationTrainingPlan
+    _variant: str = "sams"
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        dosage_key: str = DEFAULT_DOSAGE_KEY,
+        library_size_key: str = DEFAULT_LIBRARY_SIZE_KEY,
+        split_key: str | None = DEFAULT_SPLIT_KEY,
+        **kwargs,
+    ) -> None:
+        """Register counts, the dosage matrix D, the library size and the split.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes AnnData (e.g. from :func:`cellpert.models.prepare_anndata`).
+        layer
+            Layer with raw counts; ``None`` for ``X``.
+        dosage_key
+            ``obsm`` key of D (cells × perturbations): a scipy sparse matrix (kept sparse;
+            minibatches are densified, ``batch × T`` at a time) whose column names are in
+            ``uns[dosage_key + "_names"]``, or a DataFrame whose columns name the
+            perturbations.
+        library_size_key
+            obs column with the observed library size ℓ_i. If missing, it is computed
+            from the counts and written there.
+        split_key
+            obs column with ``train`` / ``val`` / ``test`` / ``unused`` per cell; the model
+            trains on ``train``, validates on ``val``, and computes the encoder's gene
+            statistics and ``N_t`` on them. ``None``: every cell is a training cell.
+
+        Returns
+        -------
+        Nothing; registers the AnnData with the model class. May write
+        ``adata.obs[library_size_key]`` (float32).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if dosage_key not in adata.obsm:
+            raise CellpertInputError(
+                f"obsm has no {dosage_key!r}; build it with cellpert.models.prepare_anndata(screen) "
+                "or pass dosage_key."
+            )
+        names_key = None
+        if not isinstance(adata.obsm[dosage_key], pd.DataFrame):
+            names_key = dosage_names_key(dosage_key)
+            if names_key not in adata.uns:
+                raise CellpertInputError(
+                    f"uns has no {names_key!r} with the names of the columns of obsm[{dosage_key!r}]; "
+                    "store them there or make obsm[dosage_key] a DataFrame."
+                )
+        if library_size_key not in adata.obs:
+            counts = adata.X if layer is None else adata.layers[layer]
+            adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+        if split_key is not None and split_key not in adata.obs:
+            raise CellpertInputError(
+                f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
+                "pass split_key=None to train on every cell."
+            )
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            ObsmField(DOSAGE_KEY, dosage_key, colnames_uns_key=names_key),
+            NumericalObsField(LIBRARY_KEY, library_size_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ init
+    def _build(self, seed: int, **module_kwargs) -> None:
+        """Split bookkeeping, training statistics, and the module (seeded)."""
+        self.seed = seed
+        n_genes = self.summary_stats.n_vars
+        self.perturbation_names_ = [
+            str(n) for n in self.adata_manager.get_state_registry(DOSAGE_KEY)["column_names"]
+        ]
+        n_pert = len(self.perturbation_names_)
+        train_idx = self.split_indices("train")
+        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        mean, std = gene_log1p_stats(counts, rows=train_idx)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = self._module_cls(n_genes, n_pert, variant=self._variant, **module_kwargs)
+        self.module.gene_mean.copy_(torch.as_tensor(mean))
+        self.module.gene_std.copy_(torch.as_tensor(std))
+        self.module.n_cells_train.copy_(torch.as_tensor(self.cells_per_perturbation(train_idx)))
+        self.module.n_cells_val.copy_(torch.as_tensor(self.cells_per_perturbation(self.split_indices("val"))))
+        self._model_summary_string = (
+            f"{type(self).__name__}: {n_genes} genes, {n_pert} perturbations, "
+            f"n_latent={self.module.n_latent}, {len(train_idx)} training cells"
+        )
+
+    def split_values(self, adata: AnnData | None = None) -> np.ndarray:
+        """The split of each cell (all ``"train"`` when set up with ``split_key=None``)."""
+        adata = self._validate_anndata(adata)
+        key = self.adata_manager.registry["setup_args"].get("split_key")
+        if key is None or key not in adata.obs:
+            if key is not None:
+                logger.warning("obs has no split column %r; treating every cell as training", key)
+            return np.full(adata.n_obs, "train", dtype=object)
+        return adata.obs[key].astype(str).to_numpy()
+
+    def split_indices(self, split: SplitName, adata: AnnData | None = None) -> np.ndarray:
+        """Row indices of the cells of one split."""
+        return np.flatnonzero(self.split_values(adata) == split)
+
+    def _dosage(self, adata: AnnData | None = None) -> sp.csr_matrix:
+        adata = self._validate_anndata(adata)
+        value = self.get_anndata_manager(adata, required=True).get_from_registry(DOSAGE_KEY)
+        if isinstance(value, pd.DataFrame):
+            value = value.to_numpy()
+        return sp.csr_matrix(value)
+
+    def cells_per_perturbation(self, indices: np.ndarray, adata: AnnData | None = None) -> np.ndarray:
+        """``N_t``: number of the given cells that received each perturbation."""
+        dosage = self._dosage(adata)[np.asarray(indices, dtype=np.int64)]
+        return np.bincount(dosage.indices[dosage.data != 0], minlength=dosage.shape[1]).astype(np.float32)
+
+    @property
+    def perturbation_names(self) -> list[str]:
+        """Names of the columns of D."""
+        return list(self.perturbation_names_)
+
+    # ----------------------------------------------------------------- train
+    def train(
+        self,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 512,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-6,
+        gradient_clip_val: float | None = None,
+        check_val_every_n_epoch: int = 1,
+        restore_best: bool = True,
+        seed: int | None = None,
+        mask_temperature_final: float | None = None,
+        mask_logits_lr: float | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train with Adam on the training split, validating on the validation split.
+
+        Parameters
+        ----------
+        max_steps
+            Number of optimisation steps (takes precedence over ``max_epochs``).
+        max_epochs
+            Number of epochs when ``max_steps`` is None (default: scvi-tools' heuristic).
+        batch_size
+            Minibatch size (paper: 512).
+        lr, weight_decay
+            Adam learning rate and weight decay (paper: 3e-4, 1e-6).
+        gradient_clip_val
+            Clip the gradient norm at this value (paper, Norman: 100); None: no clipping.
+        check_val_every_n_epoch
+            Validation frequency.
+        restore_best
+            Keep the module state with the best validation loss and restore it at the end
+            (paper behaviour); needs validation cells.
+        seed
+            Seeds data order and Monte Carlo draws (default: the model's ``seed``); same
+            seed, same result on CPU.
+        mask_temperature_final
+            Option (not in the paper): anneal the relaxed-Bernoulli temperature
+            geometrically from ``mask_temperature`` to this value over training.
+        mask_logits_lr
+            Option (not in the paper): Adam learning rate of the q(M) logits (default:
+            ``lr``). At lr = 3e-4 Adam moves a logit by at most about 3e-4 per step, so
+            masks need tens of thousands of steps to leave their initial value.
+        accelerator, devices
+            Lightning devices.
+        plan_kwargs
+            Extra :class:`~scvi.train.TrainingPlan` arguments.
+        **trainer_kwargs
+            Extra :class:`~scvi.train.Trainer` arguments (e.g. ``enable_progress_bar``).
+        """
+        seed = self.seed if seed is None else seed
+        train_idx = self.split_indices("train")
+        val_idx = self.split_indices("val")
+        other_idx = np.setdiff1d(np.arange(self.adata.n_obs), np.concatenate([train_idx, val_idx]))
+        if len(train_idx) == 0:
+            raise CellpertInputError("no training cells in the split; check the split column.")
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+        if max_steps is not None:
+            max_epochs = math.ceil(max_steps / steps_per_epoch)
+        elif max_epochs is None:
+            from scvi.model._utils import get_max_epochs_heuristic
+
+            max_epochs = get_max_epochs_heuristic(len(train_idx))
+        total_steps = max_steps if max_steps is not None else max_epochs * steps_per_epoch
+
+        callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
+        self._best_callback = None
+        if restore_best and len(val_idx):
+            self._best_callback = BestStateCallback("validation_loss")
+            callbacks.append(self._best_callback)
+        if mask_temperature_final is not None:
+            callbacks.append(
+                TemperatureCallback(self.module.mask_temperature, mask_temperature_final, total_steps)
+            )
+        plan = {"optimizer": "Adam", "lr": lr, "weight_decay": weight_decay, "eps": 1e-8}
+        if mask_logits_lr is not None:
+            plan["mask_logits_lr"] = mask_logits_lr
+        plan.update(plan_kwargs or {})
+        if gradient_clip_val is not None:
+            trainer_kwargs["gradient_clip_val"] = gradient_clip_val
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        out = super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            datasplitter_kwargs={"external_indexing": [train_idx, val_idx, other_idx]},
+            plan_kwargs=plan,
+            max_steps=-1 if max_steps is None else max_steps,
+            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+        if self._best_callback is not None:
+            self.best_step_ = self._best_callback.best_step
+            self.best_validation_loss_ = self._best_callback.best_score
+        self.module.eval()
+        return out
+
+    # ------------------------------------------------------------- helpers
+    def _indices(
+        self, adata: AnnData | None, indices: Sequence[int] | None, split: SplitName | None
+    ) -> np.ndarray:
+        adata = self._validate_anndata(adata)
+        if indices is not None:
+            return np.asarray(indices, dtype=np.int64)
+        if split is not None:
+            return self.split_indices(split, adata)
+        return np.arange(adata.n_obs)
+
+    @staticmethod
+    @contextmanager
+    def _seeded(seed: int) -> Iterator[None]:
+        """Seed torch's global RNG inside the block and restore its state afterwards."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    def _eval_batches(self, adata, indices, batch_size):
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, shuffle=False)
+        for tensors in loader:
+            yield {k: v.to(self.device) for k, v in tensors.items()}
+
+    # ------------------------------------------------------------ accessors
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        kind: Literal["basal", "latent"] = "basal",
+        batch_size: int | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 10,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Posterior means of the basal state z^b or the latent z = z^b + D(E ⊙ M).
+
+        The encoder mean is averaged over ``n_samples`` draws of the globals from q (drawn
+        once and shared by all cells); the latent adds the matching offset.
+
+        Parameters
+        ----------
+        adata, indices, split
+            Cells (default: all cells of the registered AnnData; ``split`` selects one split).
+        kind
+            ``"basal"`` (z^b) or ``"latent"`` (z). The same for the conditional VAE.
+        batch_size
+            Cells per minibatch.
+
+        Returns
+        -------
+        (n_cells, n_latent) array.
+        """
+        self.module.eval()
+        idx = self._indices(adata, indices, split)
+        with self._seeded(seed):
+            glob = self.module.sample_globals(n_samples)
+            out = []
+            for t in self._eval_batches(adata, idx, batch_size):
+                inf = self.module.inference(
+                    t[REGISTRY_KEYS.X_KEY], t[DOSAGE_KEY], n_particles=n_samples, global_samples=glob
+                )
+                loc = inf["qzb_loc"]
+                if loc.dim() == 3:
+                    loc = loc.mean(0)
+                if kind == "latent" and inf["offset"] is not None:
+                    loc = loc + inf["offset"].mean(0)
+                out.append(loc.cpu().numpy())
+        return np.concatenate(out, axis=0) if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    def export_fields(self, adata: AnnData | None = None, batch_size: int | None = None) -> dict:
+        """What ``cellpert export-latents`` writes (the export protocol of every model).
+
+        Returns
+        -------
+        ``{"obsm": {"basal": z^b, "latent": z}, "uns": {"embeddings": ..., "mask_probabilities": ...}}``:
+        posterior means per cell, and perturbation x latent DataFrames (the conditional VAE
+        has neither embeddings nor masks; CPA-VAE has no masks).
+        """
+        fields: dict = {
+            "obsm": {
+                kind: self.get_latent_representation(adata, kind=kind, batch_size=batch_size)
+                for kind in ("basal", "latent")
+            },
+            "uns": {},
+        }
+        if self.module.variant != "cvae":
+            fields["uns"]["embeddings"] = self.get_perturbation_embeddings()
+        if self.module.variant == "sams":
+            fields["uns"]["mask_probabilities"] = self.get_mask_probabilities()
+        return fields
+
+    def _require_globals(self) -> None:
+        if self.module.variant == "cvae":
+            raise CellpertInputError(f"{type(self).__name__} has no perturbation embeddings or masks.")
+
+    @torch.inference_mode()
+    def get_perturbation_embeddings(
+        self, *, masked: bool = False, n_samples: int = 200, seed: int = 0
+    ) -> pd.DataFrame:
+        """Posterior mean of the embeddings E_t (``masked=True``: of E_t ⊙ M_t).
+
+        Exact for mean-field q(E); Monte Carlo over ``n_samples`` draws of (M, E) for the
+        correlated guide.
+
+        Returns
+        -------
+        DataFrame perturbations × latent dimensions, indexed by perturbation name.
+        """
+        self._require_globals()
+        m = self.module
+        if m.guide == "mean_field":
+            value = m.embedding_loc
+            if masked and m.variant == "sams":
+                value = value * torch.sigmoid(m.mask_logits)
+        else:
+            with self._seeded(seed):
+                glob = m.sample_globals(n_samples)
+            if masked:
+                value = glob["effect"].mean(0)
+            else:
+                # E_t = effect / M_t is undefined where M = 0: redraw E from q(E | M)
+                loc, _ = m.embedding_guide(glob["mask"])
+                value = loc.mean(0)
+        return pd.DataFrame(
+            value.detach().cpu().numpy(),
+            index=pd.Index(self.perturbation_names, name="perturbation"),
+            columns=[f"z{k}" for k in range(m.n_latent)],
+        )
+
+    @torch.inference_mode()
+    def get_mask_probabilities(self) -> pd.DataFrame:
+        """q(M_tk = 1) = σ(logit_tk) as a perturbations × latent dimensions DataFrame."""
+        self._require_globals()
+        if self.module.variant != "sams":
+            raise CellpertInputError(f"{type(self).__name__} has no masks.")
+        return pd.DataFrame(
+            torch.sigmoid(self.module.mask_logits).cpu().numpy(),
+            index=pd.Index(self.perturbation_names, name="perturbation"),
+            columns=[f"z{k}" for k in range(self.module.n_latent)],
+        )
+
+    def _eval_batch_size(self, n_samples: int, batch_size: int | None) -> int:
+        if batch_size is not None:
+            return batch_size
+        # keep S × B × G around 2.5e7 floats
+        return int(max(16, min(1024, 2.5e7 // max(n_samples * self.summary_stats.n_vars, 1))))
+
+    @torch.inference_mode()
+    def get_iwelbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 100,
+        batch_size: int | None = None,
+        seed: int = 0,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Importance-weighted ELBO per cell (MODELS.md §6).
+
+        (E, M) are drawn once from q and shared by all cells; per cell,
+        ``log (1/S) Σ_s p(x | z^b_s, E, M, ℓ_obs) p(z^b_s) / q(z^b_s | ·)`` with
+        ``S = n_samples``. Global variables are not scored against their priors.
+
+        Returns
+        -------
+        The mean over the cells, or per-cell values (``return_mean=False``).
+        """
+        values = self._local_log_weights(adata, indices, split, n_samples, batch_size, seed, iw=True)
+        return float(values.mean()) if return_mean else values
+
+    @torch.inference_mode()
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 100,
+        batch_size: int | None = None,
+        seed: int = 0,
+        include_global: bool = False,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """ELBO per cell under the same protocol as :meth:`get_iwelbo`.
+
+        (E, M) drawn once from q and shared; the local ELBO
+        ``log p(x | z) + log p(z^b) - log q(z^b)`` is averaged over ``n_samples`` draws of
+        z^b. ``include_global=True`` adds the training objective's global terms (one
+        draw), each perturbation's spread over the scored cells that received it
+        (``N_t`` counted on them).
+
+        Returns
+        -------
+        The mean over the cells, or per-cell values (``return_mean=False``).
+        """
+        values = self._local_log_weights(
+            adata, indices, split, n_samples, batch_size, seed, iw=False, include_global=include_global
+        )
+        return float(values.mean()) if return_mean else values
+
+    def _local_log_weights(
+        self, adata, indices, split, n_samples, batch_size, seed, *, iw: bool, include_global: bool = False
+    ) -> np.ndarray:
+        self.module.eval()
+        idx = self._indices(adata, indices, split)
+        batch_size = self._eval_batch_size(n_samples, batch_size)
+        n_cells = torch.as_tensor(self.cells_per_perturbation(idx, adata), device=self.device)
+        with self._seeded(seed):
+            glob = self.module.sample_globals(1)
+            out = []
+            for t in self._eval_batches(adata, idx, batch_size):
+                x, dosage, library = t[REGISTRY_KEYS.X_KEY], t[DOSAGE_KEY], t[LIBRARY_KEY]
+                logw = self.module.iwelbo_terms(x, dosage, library, glob, n_samples)  # (S, B)
+                if iw:
+                    value = torch.logsumexp(logw, 0) - math.log(n_samples)
+                else:
+                    value = logw.mean(0)
+                    if include_global:
+                        value = value + self.module.global_per_cell(dosage, glob["log_ratio"], n_cells)[0]
+                out.append(value.double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    # ------------------------------------------------------------ prediction
+    def dosage_from_labels(self, labels: Sequence[str], *, control: Sequence[str] = ("control", "ctrl")) -> np.ndarray:
+        """Dosage rows for labels such as ``"A"``, ``"A+B"`` or a control label (all zeros)."""
+        col = {n: j for j, n in enumerate(self.perturbation_names)}
+        rows = np.zeros((len(labels), len(col)), dtype=np.float32)
+        for i, lab in enumerate(labels):
+            if lab in control:
+                continue
+            for part in str(lab).split("+"):
+                part = part.strip()
+                if part in control or part.lower() in ("ctrl", "control"):
+                    continue
+                if part not in col:
+                    raise CellpertInputError(f"perturbation {part!r} of label {lab!r} is not a column of D.")
+                rows[i, col[part]] += 1.0
+        return rows
+
+    @torch.inference_mode()
+    def get_predictive_means(
+        self,
+        dosage: np.ndarray | torch.Tensor | sp.spmatrix | pd.DataFrame,
+        *,
+        n_samples: int = 2500,
+        library_size: float | np.ndarray = 1e4,
+        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> np.ndarray:
+        """Posterior predictive mean expression for each perturbation vector (for ATEs).
+
+        For each of ``n_samples`` particles: (E, M) ~ q (shared by all rows of the
+        particle), ``z^b ~ N(0, I)`` independently per row, ``x ~ NB(ℓ ρ(z), θ)``; returns
+        the mean over particles of ``transform(x)``. MODELS.md §6's model ATE of t is
+        ``out[row of t] - out[control row]`` with ``transform="perturbseq"``
+        (``log2(1e4 x / Σ x + 1)``) and ``library_size=1e4``. All rows are processed together,
+        ``chunk_size`` particles at a time.
+
+        Parameters
+        ----------
+        dosage
+            (R, T) perturbation vectors (columns in :attr:`perturbation_names` order; a zero
+            row is control); see :meth:`dosage_from_labels`.
+        n_samples
+            Particles (paper: 2,500).
+        library_size
+            ℓ: scalar or one per row.
+        transform
+            ``"perturbseq"``, ``"counts"`` or ``"rho"`` (mean of the normalised NB mean,
+            no count noise).
+        seed
+            Seeds every draw.
+        chunk_size
+            Particles per vectorised chunk (default: about 2e7 floats per chunk).
+
+        Returns
+        -------
+        (R, G) float32 array.
+        """
+        self.module.eval()
+        if isinstance(dosage, pd.DataFrame):
+            dosage = dosage[self.perturbation_names].to_numpy()
+        if sp.issparse(dosage):
+            dosage = dosage.toarray()
+        d = torch.as_tensor(np.asarray(dosage, dtype=np.float32), device=self.device)
+        if d.dim() != 2 or d.shape[1] != len(self.perturbation_names):
+            raise CellpertInputError(
+                f"dosage must be (rows, {len(self.perturbation_names)}), got {tuple(d.shape)}"
+            )
+        lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
+        if chunk_size is None:
+            chunk_size = int(max(1, min(n_samples, 2e7 // max(d.shape[0] * self.summary_stats.n_vars, 1))))
+        with self._seeded(seed):
+            out = self.module.predictive_means(d, n_samples, lib, transform=transform, chunk_size=chunk_size)
+        return out.cpu().numpy()
+
+
+_SHARED_DOC = """
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent
+        K (paper: 200 on Norman).
+    n_hidden, n_layers
+        Decoder (and encoder) width and decoder depth (paper: 400, 1).
+    n_layers_encoder
+        Encoder depth.
+    n_particles
+        Monte Carlo particles of the training ELBO (paper: 5).
+    embedding_prior_scale
+        s of the N(0, s² I) embedding prior.
+    seed
+        Seeds the initial parameters (and, by default, training).
+"""
+
+
+class SAMSVAE(_PerturbationVAE):
+    """Sparse Additive Mechanism Shift VAE (Bereket & Karaletsos, 2023).
+
+    ``z_i = z^b_i + Σ_t D_it (E_t ⊙ M_t)`` with ``M_tk ~ Bernoulli(p)``; see MODELS.md §2.
+    """
+
+    __doc__ += _SHARED_DOC + """    guide
+        ``"correlated"`` (q(E_t | M_t) by a shared MLP) or ``"mean_field"``.
+    guide_n_hidden, guide_n_layers
+        Correlated guide MLP (Norman: 400 × 4).
+    mask_prior_prob
+        p (Norman: 0.01).
+    mask_temperature
+        Relaxed-Bernoulli temperature (paper: 1).
+    mask_logits_init
+        Initial q(M) logits (paper: 0); ``"prior"`` starts at ``logit(mask_prior_prob)``.
+    encoder_input
+        Encoder side input: ``"offset"`` (paper, the sampled ``D_i (E ⊙ M)``),
+        ``"dosage"`` (option, ``D_i``) or ``"none"``; see the module.
+    mask_gradient
+        ``"straight_through"`` (paper) or ``"score"`` (option: unbiased leave-one-out
+        score-function gradient for the mask logits; see the module).
+    spike_slab_guide
+        Option: ``q(E_tk | M_tk = 0) = p(E_tk)``, so that a mask that is on pays for its
+        embedding (see the module). Same generative model, different guide.
+
+    Examples
+    --------
+    >>> screen = cellpert.data.load_screen(path)
+    >>> cellpert.data.make_split(screen, "random", seed=0)
+    >>> adata = cellpert.models.prepare_anndata(screen)
+    >>> SAMSVAE.setup_anndata(adata, layer=screen.layer)
+    >>> model = SAMSVAE(adata, n_latent=200)
+    >>> model.train(max_steps=2000)
+    >>> model.get_iwelbo(split="test")
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        guide: Literal["correlated", "mean_field"] = "correlated",
+        n_latent: int = 200,
+        n_hidden: int = 400,
+        n_layers: int = 1,
+        n_layers_encoder: int = 1,
+        guide_n_hidden: int = 400,
+        guide_n_layers: int = 4,
+        mask_prior_prob: float = 0.01,
+        embedding_prior_scale: float = 1.0,
+        n_particles: int = 5,
+        mask_temperature: float = 1.0,
+        mask_logits_init: float | Literal["prior"] = 0.0,
+        encoder_input: Literal["offset", "dosage", "none"] = "offset",
+        mask_gradient: Literal["straight_through", "score"] = "straight_through",
+        spike_slab_guide: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(adata)
+        self._build(
+            seed,
+            guide=guide,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_layers_encoder=n_layers_encoder,
+            guide_n_hidden=guide_n_hidden,
+            guide_n_layers=guide_n_layers,
+            mask_prior_prob=mask_prior_prob,
+            embedding_prior_scale=embedding_prior_scale,
+            n_particles=n_particles,
+            mask_temperature=mask_temperature,
+            mask_logits_init=mask_logits_init,
+            encoder_input=encoder_input,
+            mask_gradient=mask_gradient,
+            spike_slab_guide=spike_slab_guide,
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+
+class CPAVAE(_PerturbationVAE):
+    """CPA-VAE: SAMS-VAE without masks, ``z = z^b + D E``, mean-field q(E) (MODELS.md §3)."""
+
+    __doc__ += _SHARED_DOC
+    _variant = "cpa"
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_latent: int = 200,
+        n_hidden: int = 400,
+        n_layers: int = 1,
+        n_layers_encoder: int = 1,
+        embedding_prior_scale: float = 1.0,
+        n_particles: int = 5,
+        encoder_input: Literal["offset", "dosage", "none"] = "offset",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(adata)
+        self._build(
+            seed,
+            guide="mean_field",
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_layers_encoder=n_layers_encoder,
+            embedding_prior_scale=embedding_prior_scale,
+            n_particles=n_particles,
+            encoder_input=encoder_input,
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+
+class ConditionalVAE(_PerturbationVAE):
+    """Conditional VAE: ``z ~ N(0, I)``, decoder ``p(x | z, D)``, encoder ``q(z | x̃, D)`` (MODELS.md §3)."""
+
+    __doc__ += _SHARED_DOC
+    _variant = "cvae"
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_latent: int = 200,
+        n_hidden: int = 400,
+        n_layers: int = 1,
+        n_layers_encoder: int = 1,
+        n_particles: int = 5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(adata)
+        self._build(
+            seed,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_layers_encoder=n_layers_encoder,
+            n_particles=n_particles,
+        )
+        self.init_params_ = self._get_init_params(locals())

@@ -1,0 +1,132 @@
+"""Training plan and callbacks of the SAMS-VAE family.
+
+The optimisation is scvi-tools' :class:`~scvi.train.TrainingPlan` (Adam, weight decay,
+Lightning); two things differ and live here:
+
+- the validation loss scales each perturbation's global terms by ``1 / N_t`` with
+  ``N_t`` counted on the validation split (the training loss uses the training split);
+- :class:`BestStateCallback` keeps the module state with the best validation loss in
+  memory and restores it when training ends;
+- :class:`TemperatureCallback` optionally anneals the relaxed-Bernoulli temperature.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import lightning.pytorch as pl
+import torch
+from scvi.train import TrainingPlan
+
+__all__ = ["BestStateCallback", "PerturbationTrainingPlan", "TemperatureCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class PerturbationTrainingPlan(TrainingPlan):
+    """:class:`~scvi.train.TrainingPlan` whose validation loss uses validation ``N_t``.
+
+    Parameters
+    ----------
+    module
+        The module.
+    mask_logits_lr
+        Option: a separate Adam learning rate for the q(M) logits (default: ``lr``).
+    **kwargs
+        :class:`~scvi.train.TrainingPlan` arguments.
+    """
+
+    def __init__(self, module, *, mask_logits_lr: float | None = None, **kwargs) -> None:
+        super().__init__(module, **kwargs)
+        self.mask_logits_lr = mask_logits_lr
+
+    def configure_optimizers(self):
+        """Adam; the mask logits in their own parameter group when ``mask_logits_lr`` is set."""
+        logits = getattr(self.module, "mask_logits", None)
+        if self.mask_logits_lr is None or logits is None or self.optimizer_name != "Adam":
+            return super().configure_optimizers()
+        others = [p for p in self.module.parameters() if p.requires_grad and p is not logits]
+        optimizer = torch.optim.Adam(
+            [{"params": others}, {"params": [logits], "lr": self.mask_logits_lr}],
+            lr=self.lr,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+        )
+        return {"optimizer": optimizer}
+
+    def validation_step(self, batch, batch_idx):
+        """Validation step: the loss with ``split="val"``."""
+        _, _, scvi_loss = self.forward(batch, loss_kwargs={**self.loss_kwargs, "split": "val"})
+        self.log(
+            "validation_loss",
+            scvi_loss.loss,
+            on_step=self.on_step,
+            on_epoch=self.on_epoch,
+            sync_dist=self.use_sync_dist,
+            batch_size=scvi_loss.n_obs_minibatch,
+        )
+        self.compute_and_log_metrics(scvi_loss, self.val_metrics, "validation")
+
+
+class BestStateCallback(pl.Callback):
+    """Keep the module state with the lowest ``monitor`` and restore it at the end.
+
+    Attributes
+    ----------
+    best_score
+        Best monitored value seen.
+    best_step
+        Global step at which it was seen.
+    """
+
+    def __init__(self, monitor: str = "validation_loss") -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.best_score = math.inf
+        self.best_step: int | None = None
+        self.best_epoch: int | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if value < self.best_score:
+            self.best_score = value
+            self.best_step = int(trainer.global_step)
+            self.best_epoch = int(trainer.current_epoch)
+            self._state = copy.deepcopy(pl_module.module.state_dict())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.module.load_state_dict(self._state)
+            logger.info(
+                "restored the module state of step %d (best %s = %.4f)", self.best_step, self.monitor, self.best_score
+            )
+
+
+class TemperatureCallback(pl.Callback):
+    """Anneal the relaxed-Bernoulli temperature geometrically from ``start`` to ``end``.
+
+    The temperature after step ``s`` of ``n_steps`` is ``start · (end/start)^(s/n_steps)``
+    (held at ``end`` afterwards).
+    """
+
+    def __init__(self, start: float, end: float, n_steps: int) -> None:
+        super().__init__()
+        self.start, self.end, self.n_steps = float(start), float(end), max(int(n_steps), 1)
+
+    def temperature(self, step: int) -> float:
+        frac = min(step / self.n_steps, 1.0)
+        return self.start * (self.end / self.start) ** frac
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        pl_module.module.mask_temperature = self.temperature(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.module.mask_temperature = self.end

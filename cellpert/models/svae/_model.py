@@ -1,0 +1,664 @@
+"""sVAE and sVAE+ as scvi-tools models (Lopez et al., CLeaR 2023; MODELS.md §4)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from cellpert._errors import CellpertInputError
+from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, PerturbationScreen, detect_control_labels
+from cellpert.models._base import SplitMixin, SplitName, seeded
+from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
+from cellpert.models.svae._module import LABEL_KEY, LIBRARY_KEY, Prior, SVAEModule
+from cellpert.models.svae._trainingplan import WarmupAwareEarlyStopping
+
+__all__ = ["DEFAULT_LABEL_KEY", "SVAE", "SVAEPlus", "labels_from_dosage", "prepare_labels"]
+
+logger = logging.getLogger(__name__)
+
+#: obs column of the one-label-per-cell perturbation labels written by :func:`prepare_labels`.
+DEFAULT_LABEL_KEY = "cellpert_label"
+
+
+def _controls_key(label_key: str) -> str:
+    """Top-level ``uns`` key holding the control labels of ``obs[label_key]``."""
+    return f"{label_key}_controls"
+
+
+def prepare_labels(screen: PerturbationScreen, *, label_key: str = DEFAULT_LABEL_KEY) -> AnnData:
+    """Write the screen's canonical labels (one per cell) for :meth:`SVAE.setup_anndata`.
+
+    Combinations (``"A+B"``) are their own label, as sVAE treats them.
+
+    Parameters
+    ----------
+    screen
+        From :func:`~cellpert.data.load_screen`.
+    label_key
+        obs column to write.
+
+    Returns
+    -------
+    ``screen.adata`` itself (modified in place), with
+
+    - ``obs[label_key]``: the canonical label of each cell (categorical);
+    - ``uns[label_key + "_controls"]``: the control labels (array of strings).
+    """
+    adata = screen.adata
+    adata.obs[label_key] = pd.Categorical(np.asarray(screen.labels, dtype=str))
+    adata.uns[_controls_key(label_key)] = np.asarray(list(screen.control_labels), dtype=str)
+    return adata
+
+
+def labels_from_dosage(
+    adata: AnnData,
+    *,
+    dosage_key: str = DEFAULT_DOSAGE_KEY,
+    control_label: str = "control",
+) -> np.ndarray:
+    """One label per cell from the dosage matrix of :func:`~cellpert.models.prepare_anndata`.
+
+    A cell's label joins the names of its perturbations with ``+`` (in column order);
+    control cells (an all-zero row) get ``control_label``.
+    """
+    dosage = sp.csr_matrix(adata.obsm[dosage_key])
+    names = np.asarray(adata.uns[dosage_names_key(dosage_key)], dtype=str)
+    labels = np.full(adata.n_obs, control_label, dtype=object)
+    for i in range(adata.n_obs):
+        cols = dosage.indices[dosage.indptr[i] : dosage.indptr[i + 1]]
+        if len(cols):
+            labels[i] = "+".join(names[np.sort(cols)])
+    return labels
+
+
+def _resolve_controls(
+    adata: AnnData, label_key: str, control_labels: Sequence[str] | str | None
+) -> list[str]:
+    """Control labels: explicit, else recorded by :func:`prepare_labels` or the CLI, else detected."""
+    if isinstance(control_labels, str):
+        return [control_labels]
+    if control_labels is not None:
+        return [str(c) for c in control_labels]
+    if _controls_key(label_key) in adata.uns:
+        return [str(c) for c in np.atleast_1d(adata.uns[_controls_key(label_key)])]
+    section = adata.uns.get(UNS_KEY)
+    recorded = section.get("screen", {}).get("control") if isinstance(section, dict) else None
+    if recorded is not None and len(np.atleast_1d(recorded)):
+        return [str(c) for c in np.atleast_1d(recorded)]
+    try:
+        return detect_control_labels(adata.obs[label_key].astype(str))
+    except CellpertInputError:
+        logger.warning("no control label found in obs[%r]: every label gets a learned shift", label_key)
+        return []
+
+
+class SVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (MODELS.md §4).
+
+    One label a per cell; ``z ~ N(m ⊙ μ_a, I)`` with hard Gumbel-sigmoid masks m from
+    learned logits; label-agnostic encoder from ``log1p(x)``; NB decoder with observed
+    library size that never sees the label. Loss ``mean_i[rec + β w KL] + λ · mean σ(log_alpha)``.
+    ``sparsity_weight=0`` is the iVAE (masks stay on); ``prior="standard"`` the plain VAE.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_latent
+        K (simulation: 15).
+    n_hidden, n_layers
+        Hidden width and number of hidden layers of encoder and decoder (128, 2).
+    dropout_rate
+        Encoder dropout (0.1).
+    use_batch_norm
+        Batch norm in both networks (True).
+    sparsity_weight
+        λ ≥ 0 of the expected-edge L1 penalty.
+    kl_beta
+        β, weight of the KL term (1).
+    mask_logits_init
+        Initial log_alpha (5: edges start almost all on).
+    mask_temperature
+        Gumbel-sigmoid temperature (1).
+    prior
+        ``"shift"`` (sVAE) or ``"standard"`` (N(0, I) ignoring labels: the plain-VAE baseline).
+    seed
+        Seeds the initial parameters and, by default, training.
+
+    Examples
+    --------
+    >>> screen = cellpert.data.load_screen(path)
+    >>> adata = cellpert.models.prepare_anndata(screen)
+    >>> prepare_labels(screen)
+    >>> SVAE.setup_anndata(adata, layer=screen.layer, split_key="cellpert_split")
+    >>> model = SVAE(adata, n_latent=15, sparsity_weight=1.0)
+    >>> model.train(max_epochs=200)
+    >>> model.get_mask_probabilities()
+    """
+
+    _module_cls = SVAEModule
+    _sparsity: Literal["l1", "beta"] = "l1"
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_latent: int = 15,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        sparsity_weight: float = 10.0,
+        kl_beta: float = 1.0,
+        mask_logits_init: float = 5.0,
+        mask_temperature: float = 1.0,
+        prior: Prior = "shift",
+        seed: int = 0,
+    ) -> None:
+        if not sparsity_weight >= 0:
+            raise CellpertInputError(f"sparsity_weight (λ) must be >= 0, got {sparsity_weight}.")
+        super().__init__(adata)
+        self._build(
+            seed,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm,
+            prior=prior,
+            sparsity="l1",
+            sparsity_weight=sparsity_weight,
+            kl_beta=kl_beta,
+            mask_logits_init=mask_logits_init,
+            mask_temperature=mask_temperature,
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        label_key: str = DEFAULT_LABEL_KEY,
+        control_labels: Sequence[str] | str | None = None,
+        library_size_key: str = DEFAULT_LIBRARY_SIZE_KEY,
+        split_key: str | None = DEFAULT_SPLIT_KEY,
+        **kwargs,
+    ) -> None:
+        """Register counts, one perturbation label per cell, the library size and the split.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes AnnData (e.g. ``prepare_anndata(screen)`` then ``prepare_labels(screen)``).
+        layer
+            Layer with raw counts; ``None`` for ``X``.
+        label_key
+            obs column with one label per cell (combinations are their own label), e.g.
+            written by :func:`prepare_labels`, or the screen's perturbation column. If the
+            default column is missing but ``obsm['cellpert_dosage']`` (from
+            :func:`~cellpert.models.prepare_anndata`) is there, the labels are built from
+            it (:func:`labels_from_dosage`) and written to ``obs[label_key]``.
+        control_labels
+            Labels of control cells (μ = 0). Default: ``uns[label_key + "_controls"]``, else
+            ``uns['cellpert']['screen']['control']``, else detected among the usual spellings
+            (none found: every label gets a shift).
+        library_size_key
+            obs column with ℓ_i; computed from the counts and written there if missing.
+        split_key
+            obs column with ``train`` / ``val`` / ``test`` / ``unused``; ``None``: every cell
+            is a training cell.
+
+        Returns
+        -------
+        Nothing; registers the AnnData. May write ``adata.obs[library_size_key]`` (float32),
+        and ``adata.obs[label_key]`` with ``adata.uns[label_key + "_controls"]`` (see
+        ``label_key``).
+        """
+        if label_key not in adata.obs:
+            if label_key != DEFAULT_LABEL_KEY or DEFAULT_DOSAGE_KEY not in adata.obsm:
+                raise CellpertInputError(
+                    f"obs has no label column {label_key!r}; write one with "
+                    "cellpert.models.svae.prepare_labels(screen) or pass label_key=<perturbation column>."
+                )
+            section = adata.uns.get(UNS_KEY)
+            recorded = section.get("screen", {}).get("control") if isinstance(section, dict) else None
+            control = str(np.atleast_1d(recorded)[0]) if recorded is not None and len(np.atleast_1d(recorded)) else "control"
+            adata.obs[label_key] = pd.Categorical(labels_from_dosage(adata, control_label=control))
+            adata.uns[_controls_key(label_key)] = np.asarray([control], dtype=str)
+            logger.info("wrote obs[%r] from obsm[%r]", label_key, DEFAULT_DOSAGE_KEY)
+        if split_key is not None and split_key not in adata.obs:
+            raise CellpertInputError(
+                f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
+                "pass split_key=None to train on every cell."
+            )
+        control_labels = _resolve_controls(adata, label_key, control_labels)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if library_size_key not in adata.obs:
+            counts = adata.X if layer is None else adata.layers[layer]
+            adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(LABEL_KEY, label_key),
+            NumericalObsField(LIBRARY_KEY, library_size_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------- init
+    def _build(self, seed: int, **module_kwargs: Any) -> None:
+        """Label bookkeeping and the module (seeded)."""
+        self.seed = int(seed)
+        n_genes = self.summary_stats.n_vars
+        mapping = self.adata_manager.get_state_registry(LABEL_KEY)["categorical_mapping"]
+        self.labels_ = [str(c) for c in mapping]
+        controls = set(self.adata_manager.registry["setup_args"].get("control_labels") or [])
+        self.control_labels_ = [lab for lab in self.labels_ if lab in controls]
+        with seeded(self.seed):
+            self.module = self._module_cls(n_genes, len(self.labels_), **module_kwargs)
+        is_control = np.array([lab in controls for lab in self.labels_], dtype=np.float32)
+        train_idx = self.split_indices("train")
+        codes = self._label_codes()
+        in_train = np.bincount(codes[train_idx], minlength=len(self.labels_)) > 0
+        self.module.is_control.copy_(torch.as_tensor(is_control))
+        self.module.penalised.copy_(torch.as_tensor(in_train.astype(np.float32)))
+        self.module.n_obs_train.fill_(float(max(len(train_idx), 1)))
+        self._model_summary_string = (
+            f"{type(self).__name__}: {n_genes} genes, {len(self.labels_)} labels "
+            f"({len(self.control_labels_)} control), n_latent={self.module.n_latent}, "
+            f"{len(train_idx)} training cells"
+        )
+
+    def _label_codes(self, adata: AnnData | None = None) -> np.ndarray:
+        adata = self._validate_anndata(adata)
+        codes = self.get_anndata_manager(adata, required=True).get_from_registry(LABEL_KEY)
+        return np.asarray(codes).ravel().astype(np.int64)
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels, in the order of the rows of μ and log_alpha."""
+        return list(self.labels_)
+
+    def label_indices(self, labels: Sequence[str], adata: AnnData | None = None) -> np.ndarray:
+        """Row indices of the cells whose label is one of ``labels``."""
+        unknown = sorted(set(labels) - set(self.labels_))
+        if unknown:
+            raise CellpertInputError(f"unknown label(s) {unknown[:5]}; the model knows {len(self.labels_)} labels.")
+        wanted = np.isin(np.asarray(self.labels_), list(labels))
+        return np.flatnonzero(wanted[self._label_codes(adata)])
+
+    # ------------------------------------------------------------------ train
+    def train(
+        self,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        perturbation_lr: float | None = None,
+        n_epochs_kl_warmup: int | None = 50,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 45,
+        restore_best: bool = True,
+        check_val_every_n_epoch: int = 1,
+        seed: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_indices: Sequence[int] | None = None,
+        val_indices: Sequence[int] | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
+    ):
+        """Train with Adam on the training split; early stopping on the validation ELBO.
+
+        Parameters
+        ----------
+        max_steps
+            Number of optimisation steps (takes precedence over ``max_epochs``).
+        max_epochs
+            Number of epochs when ``max_steps`` is None (default: scvi-tools' heuristic).
+        batch_size
+            Minibatch size (128).
+        lr, weight_decay
+            Adam learning rate (1e-3) and weight decay (0). Adam's ``eps`` is the usual
+            1e-8, not scvi-tools' 0.01: with 0.01 the small gradients of the mask logits
+            (σ'(5) ≈ 0.007) are swamped and the masks never move.
+        perturbation_lr
+            Option (not in the paper): a separate Adam learning rate for the perturbation
+            parameters μ and log_alpha. With lr 1e-3 Adam moves each of them by at most
+            about 1e-3 per step, so switching an edge off from its initial logit 5, or
+            growing a shift of size 5 from 0, takes at least ~5,000 steps; a larger
+            ``perturbation_lr`` shortens compute-limited runs. None: ``lr``.
+        n_epochs_kl_warmup
+            Epochs of linear KL warm-up w: 0 → 1 (50). None or 0: no warm-up.
+        early_stopping
+            Stop when the validation ELBO has not improved for ``early_stopping_patience``
+            epochs, counted after the warm-up (needs validation cells).
+        restore_best
+            Restore the state with the best post-warm-up validation ELBO at the end.
+        check_val_every_n_epoch
+            Validation frequency.
+        seed
+            Seeds data order and every random draw (default: the model's ``seed``); same
+            seed, same result on CPU.
+        accelerator, devices
+            Lightning devices.
+        train_indices, val_indices
+            Override the cells of the split (used by the out-of-distribution protocol).
+        plan_kwargs
+            Extra :class:`~scvi.train.TrainingPlan` arguments.
+        **trainer_kwargs
+            Extra :class:`~scvi.train.Trainer` arguments (e.g. ``enable_progress_bar``).
+        """
+        seed = self.seed if seed is None else int(seed)
+        train_idx = self.split_indices("train") if train_indices is None else np.asarray(train_indices)
+        val_idx = self.split_indices("val") if val_indices is None else np.asarray(val_indices)
+        if len(train_idx) == 0:
+            raise CellpertInputError("no training cells in the split; check the split column.")
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+        if max_steps is not None:
+            max_epochs = math.ceil(max_steps / steps_per_epoch)
+        elif max_epochs is None:
+            from scvi.model._utils import get_max_epochs_heuristic
+
+            max_epochs = get_max_epochs_heuristic(len(train_idx))
+        callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
+        self._stopper = None
+        if len(val_idx) and (early_stopping or restore_best):
+            self._stopper = WarmupAwareEarlyStopping(
+                "elbo_validation",
+                start_epoch=n_epochs_kl_warmup or 0,
+                patience=early_stopping_patience if early_stopping else None,
+                restore_best=restore_best,
+            )
+            callbacks.append(self._stopper)
+        plan = {
+            "optimizer": "Adam",
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "eps": 1e-8,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup or None,
+            "n_steps_kl_warmup": None,
+        }
+        if perturbation_lr is not None and self.module.prior == "shift":
+            plan.update(
+                optimizer="Custom",
+                optimizer_creator=self._grouped_adam(lr, perturbation_lr, weight_decay),
+            )
+        plan.update(plan_kwargs or {})
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+        trainer_kwargs.setdefault("enable_model_summary", False)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        out = super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            datasplitter_kwargs={
+                "external_indexing": self.external_indexing(self.adata.n_obs, train_idx, val_idx)
+            },
+            plan_kwargs=plan,
+            max_steps=-1 if max_steps is None else max_steps,
+            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
+            callbacks=callbacks,
+            **trainer_kwargs,
+        )
+        if self._stopper is not None:
+            self.best_epoch_ = self._stopper.best_epoch
+            self.best_validation_elbo_ = -self._stopper.best_score
+        self.module.eval()
+        return out
+
+    def _grouped_adam(self, lr: float, perturbation_lr: float, weight_decay: float):
+        """Optimizer creator: Adam with its own learning rate for μ and log_alpha."""
+        module = self.module
+        special = [module.shift_mean, module.log_alpha]
+
+        def create(params):
+            params = list(params)
+            others = [p for p in params if all(p is not q for q in special)]
+            mine = [p for p in params if any(p is q for q in special)]
+            groups = [{"params": others}]
+            if mine:
+                groups.append({"params": mine, "lr": perturbation_lr})
+            return torch.optim.Adam(groups, lr=lr, eps=1e-8, weight_decay=weight_decay)
+
+        return create
+
+    # -------------------------------------------------------------- helpers
+    def _eval_batches(self, adata: AnnData | None, indices: np.ndarray, batch_size: int | None):
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, shuffle=False)
+        for tensors in loader:
+            yield {k: v.to(self.device) for k, v in tensors.items()}
+
+    def _frame(self, values: torch.Tensor | np.ndarray) -> pd.DataFrame:
+        if torch.is_tensor(values):
+            values = values.detach().cpu().numpy()
+        return pd.DataFrame(
+            np.asarray(values, dtype=np.float32),
+            index=pd.Index(self.labels_, name="label"),
+            columns=[f"z{k}" for k in range(self.module.n_latent)],
+        )
+
+    def _require_shift(self) -> None:
+        if self.module.prior != "shift":
+            raise CellpertInputError(f"this {type(self).__name__} has prior='standard': no shifts or masks.")
+
+    # ------------------------------------------------------------- accessors
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        *,
+        split: SplitName | None = None,
+    ) -> np.ndarray:
+        """Posterior means E_q[z | x] (encoder in eval mode).
+
+        Parameters
+        ----------
+        adata, indices, split
+            Cells (default: all cells of the registered AnnData; ``split`` selects one split).
+        batch_size
+            Cells per minibatch.
+
+        Returns
+        -------
+        (n_cells, n_latent) float32 array.
+        """
+        self.module.eval()
+        idx = self._indices(adata, indices, split)
+        out = [
+            self.module.inference(t[REGISTRY_KEYS.X_KEY])["qz_m"].cpu().numpy()
+            for t in self._eval_batches(adata, idx, batch_size)
+        ]
+        return np.concatenate(out, axis=0) if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    @torch.inference_mode()
+    def get_shift_means(self) -> pd.DataFrame:
+        """μ: labels × latent dimensions (the control rows are 0)."""
+        self._require_shift()
+        m = self.module
+        return self._frame(m.shift_mean * (1.0 - m.is_control).unsqueeze(-1))
+
+    @torch.inference_mode()
+    def get_mask_probabilities(self) -> pd.DataFrame:
+        """σ(log_alpha): labels × latent dimensions (for control labels it is meaningless)."""
+        self._require_shift()
+        return self._frame(torch.sigmoid(self.module.log_alpha))
+
+    @torch.inference_mode()
+    def get_masks(self) -> pd.DataFrame:
+        """The masks used at evaluation: ``1[log_alpha > 0]``, or the frozen masks."""
+        self._require_shift()
+        m = self.module
+        value = m.frozen_mask if bool(m.mask_frozen) else (m.log_alpha > 0).float()
+        return self._frame(value)
+
+    def export_fields(self, adata: AnnData | None = None, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
+        """What ``cellpert export-latents`` writes.
+
+        Returns
+        -------
+        ``{"obsm": {"latent": cells × K posterior means}, "uns": {"shift_means": μ,
+        "mask_probabilities": σ(log_alpha), "masks": thresholded masks, "control_labels":
+        list}}``, the DataFrames labels × K. A ``prior="standard"`` model has only ``obsm``.
+        """
+        out: dict[str, dict[str, Any]] = {
+            "obsm": {"latent": self.get_latent_representation(adata, batch_size=batch_size)},
+            "uns": {},
+        }
+        if self.module.prior == "shift":
+            out["uns"] = {
+                "shift_means": self.get_shift_means(),
+                "mask_probabilities": self.get_mask_probabilities(),
+                "masks": self.get_masks(),
+                "control_labels": list(self.control_labels_),
+            }
+        return out
+
+    def _eval_batch_size(self, n_samples: int, batch_size: int | None) -> int:
+        if batch_size is not None:
+            return batch_size
+        # keep S × B × G around 2.5e7 floats
+        return int(max(16, min(1024, 2.5e7 // max(n_samples * self.summary_stats.n_vars, 1))))
+
+    def _per_cell(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        split: SplitName | None,
+        n_samples: int,
+        batch_size: int | None,
+        seed: int,
+        iw: bool,
+    ) -> np.ndarray:
+        self.module.eval()
+        idx = self._indices(adata, indices, split)
+        out = []
+        with torch.inference_mode(), seeded(seed):
+            for t in self._eval_batches(adata, idx, self._eval_batch_size(n_samples, batch_size)):
+                logw, log_px, kl = self.module.log_weights(
+                    t[REGISTRY_KEYS.X_KEY], t[LIBRARY_KEY], t[LABEL_KEY], n_samples
+                )
+                value = torch.logsumexp(logw, 0) - math.log(n_samples) if iw else log_px.mean(0) - kl
+                out.append(value.double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+        seed: int = 0,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """ELBO per cell: ``E_q[log p(x | z)] − KL(q(z | x) ‖ N(m ⊙ μ_a, I))``.
+
+        The expectation by ``n_samples`` draws of z, the KL analytic, masks thresholded
+        (or frozen). No sparsity term.
+
+        Returns
+        -------
+        The mean over the cells, or per-cell values (``return_mean=False``).
+        """
+        values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=False)
+        return float(values.mean()) if return_mean else values
+
+    def get_iwelbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 100,
+        batch_size: int | None = None,
+        seed: int = 0,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Importance-weighted ELBO per cell, ``log (1/S) Σ_s p(x | z_s) p(z_s | a, m) / q(z_s | x)``.
+
+        Returns
+        -------
+        The mean over the cells, or per-cell values (``return_mean=False``).
+        """
+        values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=True)
+        return float(values.mean()) if return_mean else values
+
+
+class SVAEPlus(SVAE):
+    """sVAE+: sVAE with a Beta(1, K_beta) prior on the mask probabilities (MODELS.md §4).
+
+    Loss ``n_obs · mean_i[rec + β w KL] + w · (−Σ_{a,k} log Beta(σ(log_alpha); 1, K_beta))``
+    with n_obs the number of training cells (see :mod:`cellpert.models.svae._module` for
+    how this interacts with minibatches).
+
+    Parameters
+    ----------
+    adata, n_latent, n_hidden, n_layers, dropout_rate, use_batch_norm, kl_beta, mask_logits_init, mask_temperature, prior, seed
+        As for :class:`SVAE`.
+    beta_k
+        K_beta > 1 (swept {2, 5, 10}); 1 would be a flat prior, i.e. no sparsity at all.
+    """
+
+    _sparsity = "beta"
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_latent: int = 15,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        beta_k: float = 5.0,
+        kl_beta: float = 1.0,
+        mask_logits_init: float = 5.0,
+        mask_temperature: float = 1.0,
+        prior: Prior = "shift",
+        seed: int = 0,
+    ) -> None:
+        if not beta_k > 1:
+            raise CellpertInputError(
+                f"beta_k (K_beta) must be > 1, got {beta_k}: K_beta = 1 means no sparsity "
+                "(Beta(1, 1) is flat); try 2, 5 or 10."
+            )
+        BaseModelClass.__init__(self, adata)
+        self._build(
+            seed,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm,
+            prior=prior,
+            sparsity="beta",
+            beta_k=beta_k,
+            kl_beta=kl_beta,
+            mask_logits_init=mask_logits_init,
+            mask_temperature=mask_temperature,
+        )
+        self.init_params_ = self._get_init_params(locals())

@@ -1,0 +1,202 @@
+"""`cellpert evaluate-ate`: data and model ATEs, baselines, metrics, held-out IWELBO."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cellpert_cli._options import (
+    ControlOpt,
+    DropZeroGenesOpt,
+    LayerOpt,
+    PerturbationKeyOpt,
+    ScreenArg,
+    SubsetOpt,
+    control_list,
+)
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _summary_lines(evaluation, split: str) -> list[str]:
+    """The terminal table: one row per predictor, the chosen split's metrics."""
+    summary = evaluation.summary
+    if summary is None:
+        per = evaluation.per_perturbation
+        top = evaluation.data_ate.abs().max().sort_values(ascending=False)
+        lines = [f"data ATE of {per.shape[0]} labels ({evaluation.config['n_control_cells']} control cells)"]
+        lines += [f"{'label':<28} {'split':>14} {'cells':>6} {'max |ATE|':>10}"]
+        for label in top.index[:20]:
+            lines.append(
+                f"{label:<28} {per.loc[label, 'split']:>14} {int(per.loc[label, 'n_cells']):>6} {top[label]:>10.3f}"
+            )
+        if len(top) > 20:
+            lines.append(f"... and {len(top) - 20} more labels")
+        return lines
+    col = split if split in summary.columns else "all"
+    n_labels = summary.loc["model_n_perturbations", col]
+    if not n_labels == n_labels or n_labels == 0:  # NaN: the split has no labels
+        col = "all"
+    top_n = evaluation.config.get("top_n", 20)
+    lines = [f"{'':<10} {'ATE r':>7} {'ATE R²':>8} {f'top-{top_n} r':>9} {f'top-{top_n} R²':>10} {'labels':>7}"]
+    for name in evaluation.predictors:
+        lines.append(
+            f"{name:<10} {_fmt(summary.loc[f'{name}_pearson', col]):>7} {_fmt(summary.loc[f'{name}_r2', col]):>8} "
+            f"{_fmt(summary.loc[f'{name}_pearson_top', col]):>9} {_fmt(summary.loc[f'{name}_r2_top', col]):>10} "
+            f"{int(summary.loc[f'{name}_n_perturbations', col]):>7}"
+        )
+    header = f"{evaluation.key}: metrics on the {col!r} labels"
+    iw = evaluation.iwelbo
+    if iw == iw:
+        header += f"; {evaluation.config['iwelbo_split']} IWELBO {iw:.2f} per cell ({evaluation.config['n_iwelbo_cells']} cells)"
+    return [header, *lines]
+
+
+def _write_metrics(evaluation, path: Path) -> list[Path]:
+    from cellpert._errors import CellpertInputError
+
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise CellpertInputError(f"--metrics-out {path}: use a .csv or .parquet file name.")
+    tables = [(path, evaluation.per_perturbation)]
+    if evaluation.summary is not None:
+        tables.append((path.with_name(f"{path.stem}_summary{path.suffix}"), evaluation.summary))
+    for target, table in tables:
+        if suffix == ".csv":
+            table.to_csv(target)
+        else:
+            try:
+                table.to_parquet(target)
+            except ImportError as err:
+                raise CellpertInputError(
+                    f"writing {target} needs pyarrow or fastparquet ({err}); use a .csv file name instead."
+                ) from err
+    return [t for t, _ in tables]
+
+
+def evaluate_ate(
+    screen_path: ScreenArg,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Run directory of `cellpert train`. Without it: the data ATE alone."),
+    ] = None,
+    n_particles: Annotated[
+        int, typer.Option("--n-particles", help="Posterior predictive particles of the model ATE.")
+    ] = 2500,
+    n_groups: Annotated[
+        int, typer.Option("--n-groups", help="Groups of particles for the 90% Monte Carlo interval.")
+    ] = 50,
+    top_n: Annotated[int, typer.Option("--top-n", help="Genes per perturbation of the top-N metrics.")] = 20,
+    split: Annotated[
+        str, typer.Option("--split", help="Split whose labels are shown and whose cells give the IWELBO.")
+    ] = "test",
+    data_cells: Annotated[
+        str,
+        typer.Option(
+            "--data-cells",
+            help="all: data ATE over all cells of each label (default); split: each split scored on its own cells.",
+        ),
+    ] = "all",
+    library_size: Annotated[
+        str,
+        typer.Option(
+            "--library-size",
+            help="fixed (ℓ = 1e4, MODELS.md) or empirical (sampled from control cells' libraries), or a number.",
+        ),
+    ] = "fixed",
+    iwelbo_samples: Annotated[int, typer.Option("--iwelbo-samples", help="Importance samples of the IWELBO.")] = 100,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Output key (default: the model's, e.g. samsvae, cpa_vae).")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write a figure (.png) or a report (.html).")
+    ] = None,
+    metrics_out: Annotated[
+        Path | None,
+        typer.Option("--metrics-out", help="Per-perturbation metrics as .csv/.parquet (+ <stem>_summary)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write a new h5ad instead of updating the screen in place.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the model ATE and IWELBO draws.")] = 0,
+    perturbation_key: PerturbationKeyOpt = None,
+    control: ControlOpt = None,
+    layer: LayerOpt = None,
+    subset: SubsetOpt = None,
+    drop_zero_genes: DropZeroGenesOpt = False,
+    no_write: Annotated[bool, typer.Option("--no-write", help="Compute and print only; write no h5ad.")] = False,
+) -> None:
+    """Average treatment effects: data vs model, additive and mean baselines, held-out IWELBO.
+
+    The data ATE of each label is over all its cells vs all control cells (perturbseq
+    space, log2(1e4 x / total + 1)); baselines use the training cells; the model ATE is
+    the posterior predictive mean of the label minus that of control. Writes
+    varm["ate_data"], varm["ate_<model>"] (+ _lo, _hi) and
+    uns["cellpert"]["ate_metrics"]["<model>"] into the h5ad (screen options apply
+    without --model; with --model the run's are used).
+
+    Examples:
+
+        cellpert evaluate-ate s.h5ad --model run --report report.html
+
+        cellpert evaluate-ate norman.h5ad -m run_cpa --n-particles 500 --metrics-out m.csv --out eval.h5ad
+
+        cellpert evaluate-ate screen.h5ad --subset 'dataset == "norman19"'
+    """
+    from cellpert._errors import CellpertInputError
+    from cellpert.evaluate._evaluate import evaluate_ate as _evaluate
+    from cellpert.evaluate._report import write_ate_report
+
+    if data_cells not in ("all", "split"):
+        raise CellpertInputError(f"--data-cells must be all or split, not {data_cells!r}.")
+    lib: str | float = library_size
+    if library_size not in ("fixed", "empirical"):
+        try:
+            lib = float(library_size)
+        except ValueError as err:
+            raise CellpertInputError(
+                f"--library-size must be fixed, empirical or a number, not {library_size!r}."
+            ) from err
+    if report is not None and report.suffix.lower() not in (".png", ".html", ".htm"):
+        raise CellpertInputError(f"--report {report}: use a .png or .html file name.")
+    if metrics_out is not None and metrics_out.suffix.lower() not in (".csv", ".parquet"):
+        raise CellpertInputError(f"--metrics-out {metrics_out}: use a .csv or .parquet file name.")
+    if model is not None and any(v for v in (perturbation_key, control, layer, subset, drop_zero_genes)):
+        typer.echo("note: screen options are taken from the run; --perturbation-key etc. are ignored", err=True)
+    evaluation = _evaluate(
+        screen_path,
+        model_dir=model,
+        out=out,
+        key_added=key,
+        perturbation_key=perturbation_key,
+        control=control_list(control),
+        layer=layer,
+        subset=subset,
+        drop_zero_genes=drop_zero_genes,
+        data_cells=data_cells,  # type: ignore[arg-type]
+        n_particles=n_particles,
+        n_groups=n_groups,
+        library_size=lib,  # type: ignore[arg-type]
+        top_n=top_n,
+        split=split,
+        iwelbo_samples=iwelbo_samples,
+        seed=seed,
+        write=not no_write,
+    )
+    for line in _summary_lines(evaluation, split):
+        typer.echo(line)
+    if report is not None:
+        typer.echo(f"report -> {write_ate_report(evaluation, report, split=split)}")
+    if metrics_out is not None:
+        typer.echo(f"metrics -> {', '.join(map(str, _write_metrics(evaluation, metrics_out)))}")
+    if evaluation.path is not None:
+        written = ["varm/ate_data"]
+        if evaluation.model_ate is not None:
+            written += [f"varm/ate_{evaluation.key}{s}" for s in ("", "_lo", "_hi")]
+        written.append(f"uns/cellpert/ate_metrics/{evaluation.key}")
+        typer.echo(f"wrote {', '.join(written)} -> {evaluation.path}")

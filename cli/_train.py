@@ -1,0 +1,111 @@
+"""`cellpert train`: fit a model on a screen and save the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cellpert_cli._options import (
+    ControlOpt,
+    DosageKeyOpt,
+    DropZeroGenesOpt,
+    LayerOpt,
+    PerturbationKeyOpt,
+    ScreenArg,
+    SubsetOpt,
+)
+
+
+def train(
+    screen_path: ScreenArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="samsvae, cpa-vae or conditional-vae (or from --config)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="YAML or TOML file with any option (also model arguments such as mask_prior_prob)."),
+    ] = None,
+    guide: Annotated[str | None, typer.Option("--guide", help="SAMS-VAE guide: correlated or mean_field.")] = None,
+    perturbation_key: PerturbationKeyOpt = None,
+    control: ControlOpt = None,
+    layer: LayerOpt = None,
+    dosage_key: DosageKeyOpt = None,
+    subset: SubsetOpt = None,
+    drop_zero_genes: DropZeroGenesOpt = False,
+    split_key: Annotated[
+        str | None, typer.Option("--split-key", help="Use this existing obs column as the split (train/val/test).")
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            help="random (64/16/20 cells), combinations (Norman OOD), data-efficiency, heldout. "
+            "Default: obs['cellpert_split'] if the screen has it (simulated screens do), else random.",
+        ),
+    ] = None,
+    split_seed: Annotated[int | None, typer.Option("--split-seed", help="Seed of the split.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option("--fraction", help="data-efficiency: fraction of training combinations used.")
+    ] = None,
+    heldout: Annotated[
+        str | None, typer.Option("--heldout", help="heldout split: comma-separated labels to hold out.")
+    ] = None,
+    n_latent: Annotated[int | None, typer.Option("--n-latent", help="Latent dimensions K.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Training steps.")] = None,
+    max_epochs: Annotated[int | None, typer.Option("--max-epochs", help="Training epochs (if no --max-steps).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Minibatch size.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of initialisation and training.")] = None,
+    accelerator: Annotated[str | None, typer.Option("--accelerator", help="cpu, gpu or auto.")] = None,
+    devices: Annotated[str | None, typer.Option("--devices", help="Number of devices or auto.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train a model and save it with its config, history and split in --out.
+
+    Examples:
+
+        cellpert simulate sams -o s.h5ad && cellpert train s.h5ad --model samsvae --out run --max-steps 500
+
+        cellpert train norman.h5ad -m cpa-vae -o run_cpa --subset 'dataset == "norman19"' --split random --split-seed 0
+
+        cellpert train screen.h5ad --config samsvae.yaml --lr 1e-3
+    """
+    from cellpert.models._workflow import train_run
+
+    if devices is not None and devices.isdigit():
+        devices = int(devices)
+    options = {
+        "model": model,
+        "guide": guide,
+        "perturbation_key": perturbation_key,
+        "control": control,
+        "layer": layer,
+        "dosage_key": dosage_key,
+        "subset": subset,
+        "drop_zero_genes": drop_zero_genes or None,
+        "split_key": split_key,
+        "split": split,
+        "split_seed": split_seed,
+        "fraction": fraction,
+        "heldout": heldout,
+        "n_latent": n_latent,
+        "max_steps": max_steps,
+        "max_epochs": max_epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "accelerator": accelerator,
+        "devices": devices,
+    }
+    run = train_run(
+        screen_path, out_dir=out, config_file=config, overwrite=overwrite, progress_bar=not quiet, **options
+    )
+    history = run.model.history
+    last = {name: float(df.iloc[-1, 0]) for name, df in history.items() if len(df) and "loss" in name}
+    shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(last.items()))
+    typer.echo(f"trained {run.config['model']} on {run.screen.n_cells:,} cells -> {run.directory} ({shown})")

@@ -1,0 +1,126 @@
+"""`cellpert train` and `cellpert export-latents` end to end on a small simulated screen."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cellpert import CellpertInputError
+from cellpert.data import write_h5ad_atomic
+from cellpert.data.simulate import simulate_sams
+from cellpert.models._workflow import load_run, resolve_run_config, train_run
+from cellpert_cli.main import EXIT_INPUT_ERROR, run
+
+from conftest import file_digest
+
+SMALL = ["--n-latent", "4", "--max-steps", "6", "--batch-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def screen_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wf") / "screen.h5ad"
+    adata = simulate_sams(
+        seed=0, n_perturbations=6, n_latent=4, n_genes=30, n_cells_per_perturbation=(20, 5, 5), n_combinations=2
+    )
+    adata.obs["batch"] = "b1"  # a user field that must survive every write
+    write_h5ad_atomic(adata, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(screen_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    config = out.parent / "cfg.yaml"
+    config.write_text("model: samsvae\nguide: mean_field\nn_hidden: 16\nguide_n_hidden: 8\nlr: 0.5\n")
+    code = run(["train", str(screen_file), "--out", str(out), "--config", str(config), "--lr", "0.01", *SMALL])
+    assert code == 0
+    return out
+
+
+def test_run_directory_contents(trained, screen_file):
+    for name in ("model", "config.yaml", "history.csv", "split.csv", "genes.txt", "perturbations.txt"):
+        assert (trained / name).exists(), name
+    config = yaml.safe_load((trained / "config.yaml").read_text())
+    # defaults < config file < command line
+    assert config["model"] == "samsvae"
+    assert config["model_kwargs"]["guide"] == "mean_field" and config["model_kwargs"]["n_hidden"] == 16
+    assert config["train_kwargs"]["lr"] == 0.01
+    assert config["model_kwargs"]["n_latent"] == 4
+    split = pd.read_csv(trained / "split.csv")
+    truth = ad.read_h5ad(screen_file).obs["cellpert_split"].astype(str).to_numpy()
+    # a simulated screen's own split is used when no --split is given
+    np.testing.assert_array_equal(split["split"].to_numpy(), truth)
+    history = pd.read_csv(trained / "history.csv")
+    assert {"train_loss", "validation_loss"} <= set(history.columns)
+
+
+def test_export_latents_writes_documented_keys(trained, screen_file, tmp_path, capsys):
+    out = tmp_path / "with_latents.h5ad"
+    before = file_digest(screen_file)
+    assert run(["export-latents", str(screen_file), "--model", str(trained), "--out", str(out)]) == 0
+    assert file_digest(screen_file) == before  # --out leaves the screen as it was
+    back = ad.read_h5ad(out)
+    assert back.obsm["X_samsvae_basal"].shape == (back.n_obs, 4)
+    assert back.obsm["X_samsvae_latent"].shape == (back.n_obs, 4)
+    assert np.isfinite(back.obsm["X_samsvae_latent"]).all()
+    entry = back.uns["cellpert"]["models"]["samsvae"]
+    assert list(entry["embeddings"].index) == list(entry["mask_probabilities"].index)
+    assert len(entry["embeddings"].index) == 6
+    assert entry["config"]["model"] == "samsvae"
+    assert (back.obs["batch"] == "b1").all()  # existing fields kept
+    assert "X_true_latent" in back.obsm
+
+
+def test_export_refuses_other_genes(trained, screen_file, tmp_path, capsys):
+    other = ad.read_h5ad(screen_file)[:, :-1].copy()
+    path = tmp_path / "other.h5ad"
+    other.write_h5ad(path)
+    before = file_digest(path)
+    assert run(["export-latents", str(path), "--model", str(trained)]) == EXIT_INPUT_ERROR
+    err = capsys.readouterr().err
+    assert "genes do not match" in err and "Traceback" not in err
+    assert file_digest(path) == before
+
+
+def test_export_refuses_other_perturbations(trained, screen_file, tmp_path, capsys):
+    other = ad.read_h5ad(screen_file)
+    labels = other.obs["perturbation"].astype(str).replace({"P000": "PX"})
+    other.obs["perturbation"] = pd.Categorical(labels)
+    path = tmp_path / "other.h5ad"
+    other.write_h5ad(path)
+    assert run(["export-latents", str(path), "--model", str(trained)]) == EXIT_INPUT_ERROR
+    assert "perturbations do not match" in capsys.readouterr().err
+
+
+def test_reloaded_run_gives_identical_latents(trained, screen_file):
+    a = load_run(screen_file, trained).model.get_latent_representation(kind="latent")
+    b = load_run(screen_file, trained).model.get_latent_representation(kind="latent")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_errors_are_one_line(screen_file, tmp_path, capsys):
+    assert run(["train", str(screen_file), "--out", str(tmp_path / "r"), "--model", "nope"]) == EXIT_INPUT_ERROR
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: samsvae\nmax_stepz: 3\n")
+    assert run(["train", str(screen_file), "--out", str(tmp_path / "r"), "--config", str(bad)]) == EXIT_INPUT_ERROR
+    assert "unknown option(s) in the config file: max_stepz" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(trained, screen_file):
+    with pytest.raises(CellpertInputError, match="already holds a model"):
+        train_run(screen_file, out_dir=trained, model="samsvae")
+
+
+def test_model_options_are_routed(tmp_path):
+    data, model_kwargs, train_kwargs = resolve_run_config(
+        cli_options={"model": "cpa-vae", "n_latent": 3, "max_steps": 2, "seed": 4, "split": "random"}
+    )
+    assert data["split"] == "random"
+    assert model_kwargs == {"n_latent": 3, "seed": 4}
+    assert train_kwargs == {"max_steps": 2, "seed": 4}
+    with pytest.raises(CellpertInputError, match="does not take option"):
+        resolve_run_config(cli_options={"model": "cpa-vae", "guide": "correlated"})
