@@ -124,3 +124,25 @@ def test_model_options_are_routed(tmp_path):
     assert train_kwargs == {"max_steps": 2, "seed": 4}
     with pytest.raises(CellpertInputError, match="does not take option"):
         resolve_run_config(cli_options={"model": "cpa-vae", "guide": "correlated"})
+
+
+def test_svae_train_and_export_with_ica(tmp_path, capsys):
+    from cellpert.data.simulate import simulate_sparse_shift
+
+    path = tmp_path / "shift.h5ad"
+    write_h5ad_atomic(
+        simulate_sparse_shift(seed=0, n_perturbations=8, n_heldout=2, n_cells_per_perturbation=20, n_genes=30), path
+    )
+    out = tmp_path / "run_svae"
+    assert run(["train", str(path), "-m", "svae", "-o", str(out), "--n-latent", "15", "--max-epochs", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert run(["export-latents", str(path), "--model", str(out), "--ica"]) == 0
+    text = capsys.readouterr().out
+    assert "MCC with the true latents" in text and "before ICA" in text
+    back = ad.read_h5ad(path)
+    assert back.obsm["X_svae_ica"].shape == (back.n_obs, 15)
+    assert np.isfinite(back.obsm["X_svae_latent"]).all()
+    entry = back.uns["cellpert"]["models"]["svae"]
+    assert set(entry["ica_mcc"]) == {"before", "after"}
+    masks = entry["mask_probabilities"]
+    assert masks.shape[1] == 15 and {f"P{i:03d}" for i in range(8)} <= set(masks.index)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -21,6 +20,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
+from cellpert.models._base import SplitMixin, SplitName, seeded
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
 from cellpert.models.samsvae._trainingplan import (
@@ -33,10 +33,9 @@ __all__ = ["CPAVAE", "SAMSVAE", "ConditionalVAE"]
 
 logger = logging.getLogger(__name__)
 
-SplitName = Literal["train", "val", "test", "unused"]
 
 
-class _PerturbationVAE(UnsupervisedTrainingMixin, BaseModelClass):
+class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Shared model code of SAMS-VAE, CPA-VAE and the conditional VAE."""
 
     _module_cls = PerturbationVAEModule
@@ -136,20 +135,6 @@ class _PerturbationVAE(UnsupervisedTrainingMixin, BaseModelClass):
             f"n_latent={self.module.n_latent}, {len(train_idx)} training cells"
         )
 
-    def split_values(self, adata: AnnData | None = None) -> np.ndarray:
-        """The split of each cell (all ``"train"`` when set up with ``split_key=None``)."""
-        adata = self._validate_anndata(adata)
-        key = self.adata_manager.registry["setup_args"].get("split_key")
-        if key is None or key not in adata.obs:
-            if key is not None:
-                logger.warning("obs has no split column %r; treating every cell as training", key)
-            return np.full(adata.n_obs, "train", dtype=object)
-        return adata.obs[key].astype(str).to_numpy()
-
-    def split_indices(self, split: SplitName, adata: AnnData | None = None) -> np.ndarray:
-        """Row indices of the cells of one split."""
-        return np.flatnonzero(self.split_values(adata) == split)
-
     def _dosage(self, adata: AnnData | None = None) -> sp.csr_matrix:
         adata = self._validate_anndata(adata)
         value = self.get_anndata_manager(adata, required=True).get_from_registry(DOSAGE_KEY)
@@ -226,7 +211,6 @@ class _PerturbationVAE(UnsupervisedTrainingMixin, BaseModelClass):
         seed = self.seed if seed is None else seed
         train_idx = self.split_indices("train")
         val_idx = self.split_indices("val")
-        other_idx = np.setdiff1d(np.arange(self.adata.n_obs), np.concatenate([train_idx, val_idx]))
         if len(train_idx) == 0:
             raise CellpertInputError("no training cells in the split; check the split column.")
         steps_per_epoch = math.ceil(len(train_idx) / batch_size)
@@ -260,7 +244,7 @@ class _PerturbationVAE(UnsupervisedTrainingMixin, BaseModelClass):
             accelerator=accelerator,
             devices=devices,
             batch_size=batch_size,
-            datasplitter_kwargs={"external_indexing": [train_idx, val_idx, other_idx]},
+            datasplitter_kwargs={"external_indexing": self.external_indexing(self.adata.n_obs, train_idx, val_idx)},
             plan_kwargs=plan,
             max_steps=-1 if max_steps is None else max_steps,
             check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
@@ -274,23 +258,10 @@ class _PerturbationVAE(UnsupervisedTrainingMixin, BaseModelClass):
         return out
 
     # ------------------------------------------------------------- helpers
-    def _indices(
-        self, adata: AnnData | None, indices: Sequence[int] | None, split: SplitName | None
-    ) -> np.ndarray:
-        adata = self._validate_anndata(adata)
-        if indices is not None:
-            return np.asarray(indices, dtype=np.int64)
-        if split is not None:
-            return self.split_indices(split, adata)
-        return np.arange(adata.n_obs)
-
     @staticmethod
-    @contextmanager
-    def _seeded(seed: int) -> Iterator[None]:
+    def _seeded(seed: int):
         """Seed torch's global RNG inside the block and restore its state afterwards."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
+        return seeded(seed)
 
     def _eval_batches(self, adata, indices, batch_size):
         adata = self._validate_anndata(adata)
