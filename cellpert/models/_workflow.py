@@ -224,6 +224,7 @@ def train_run(
         raise CellpertInputError(f"{out} already holds a model; choose another --out or pass --overwrite.")
     entry = _entry(data["model"])
     cls = entry.load_class()
+    _quiet_libraries()
     screen = _load_screen(screen_path, data)
     split_key = _apply_split(screen, data)
     adata = prepare_anndata(screen, split_key=split_key)
@@ -231,7 +232,6 @@ def train_run(
     model = cls(adata, **model_kwargs)
     train_kwargs.setdefault("enable_progress_bar", progress_bar)
     logger.info("training %s on %d cells x %d genes", entry.name, screen.n_cells, screen.n_genes)
-    _quiet_lightning()
     model.train(**train_kwargs)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -257,10 +257,11 @@ def train_run(
     return TrainedRun(model=model, screen=screen, directory=out, config=config)
 
 
-def _quiet_lightning() -> None:
-    """Lightning sets its loggers to INFO on import (tips, "max_steps reached"): quiet them."""
+def _quiet_libraries() -> None:
+    """Lightning and scvi-tools set their loggers to INFO on import (tips, "max_steps
+    reached", "Using column names from ..."): keep them to warnings unless debugging."""
     if not logging.getLogger("cellpert").isEnabledFor(logging.DEBUG):
-        for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric"):
+        for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "scvi"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -314,6 +315,7 @@ def load_run(screen: str | os.PathLike | ad.AnnData, model_dir: str | os.PathLik
     config = read_run_config(model_dir)
     entry = _entry(config["model"])
     cls = entry.load_class()
+    _quiet_libraries()
     loaded = _load_screen(screen, config)
     _check_matches(loaded, model_dir)
     split_key = config.get("split_key") or DEFAULT_SPLIT_KEY
