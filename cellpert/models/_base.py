@@ -8,6 +8,7 @@ into the ``external_indexing`` that scvi-tools' data splitter takes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-__all__ = ["SplitMixin", "SplitName", "seeded"]
+from cellpert._errors import CellpertInputError
+
+__all__ = ["SplitMixin", "SplitName", "resolve_epochs", "seeded"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,26 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield
+
+
+def resolve_epochs(
+    n_train: int, batch_size: int, max_steps: int | None, max_epochs: int | None
+) -> tuple[int, int]:
+    """Epochs to ask Lightning for, and the total number of steps, from either limit.
+
+    ``max_steps`` wins over ``max_epochs``; with neither, scvi-tools' heuristic for
+    ``n_train`` cells is used. Raises when there are no training cells.
+    """
+    if n_train == 0:
+        raise CellpertInputError("no training cells in the split; check the split column.")
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    if max_steps is not None:
+        return math.ceil(max_steps / steps_per_epoch), int(max_steps)
+    if max_epochs is None:
+        from scvi.model._utils import get_max_epochs_heuristic
+
+        max_epochs = get_max_epochs_heuristic(n_train)
+    return int(max_epochs), int(max_epochs) * steps_per_epoch
 
 
 class SplitMixin:

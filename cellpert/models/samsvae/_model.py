@@ -20,7 +20,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
-from cellpert.models._base import SplitMixin, SplitName, seeded
+from cellpert.models._base import SplitMixin, SplitName, resolve_epochs, seeded
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
 from cellpert.models.samsvae._trainingplan import (
@@ -211,16 +211,7 @@ class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
         seed = self.seed if seed is None else seed
         train_idx = self.split_indices("train")
         val_idx = self.split_indices("val")
-        if len(train_idx) == 0:
-            raise CellpertInputError("no training cells in the split; check the split column.")
-        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-        if max_steps is not None:
-            max_epochs = math.ceil(max_steps / steps_per_epoch)
-        elif max_epochs is None:
-            from scvi.model._utils import get_max_epochs_heuristic
-
-            max_epochs = get_max_epochs_heuristic(len(train_idx))
-        total_steps = max_steps if max_steps is not None else max_epochs * steps_per_epoch
+        max_epochs, total_steps = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
 
         callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
         self._best_callback = None

@@ -20,7 +20,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, PerturbationScreen, detect_control_labels
-from cellpert.models._base import SplitMixin, SplitName, seeded
+from cellpert.models._base import SplitMixin, SplitName, resolve_epochs, seeded
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.svae._module import LABEL_KEY, LIBRARY_KEY, Prior, SVAEModule
 from cellpert.models.svae._trainingplan import WarmupAwareEarlyStopping
@@ -370,15 +370,7 @@ class SVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
         seed = self.seed if seed is None else int(seed)
         train_idx = self.split_indices("train") if train_indices is None else np.asarray(train_indices)
         val_idx = self.split_indices("val") if val_indices is None else np.asarray(val_indices)
-        if len(train_idx) == 0:
-            raise CellpertInputError("no training cells in the split; check the split column.")
-        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-        if max_steps is not None:
-            max_epochs = math.ceil(max_steps / steps_per_epoch)
-        elif max_epochs is None:
-            from scvi.model._utils import get_max_epochs_heuristic
-
-            max_epochs = get_max_epochs_heuristic(len(train_idx))
+        max_epochs, _ = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
         callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
         self._stopper = None
         if len(val_idx) and (early_stopping or restore_best):
