@@ -1,4 +1,4 @@
-"""Pieces shared by the model families: split bookkeeping and seeding.
+"""Pieces shared by the model families: split bookkeeping, seeding, evaluation helpers.
 
 The model classes keep the train / val / test split in an obs column registered through
 ``setup_anndata(..., split_key=...)``; :class:`SplitMixin` reads it back and turns it
@@ -11,15 +11,17 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
 from cellpert._errors import CellpertInputError
 
-__all__ = ["SplitMixin", "SplitName", "resolve_epochs", "seeded"]
+__all__ = ["DosageLabelsMixin", "LikelihoodMixin", "SplitMixin", "SplitName", "resolve_epochs", "seeded"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +99,120 @@ class SplitMixin:
         used = np.concatenate([np.asarray(train_idx), np.asarray(val_idx)]).astype(np.int64)
         other = np.setdiff1d(np.arange(n_obs), used)
         return [np.asarray(train_idx, dtype=np.int64), np.asarray(val_idx, dtype=np.int64), other]
+
+    def _eval_batches(self, adata: AnnData | None, indices: np.ndarray, batch_size: int | None):
+        """Minibatches (tensors on the model's device) of the cells ``indices``, in order."""
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, shuffle=False)
+        for tensors in loader:
+            yield {k: v.to(self.device) for k, v in tensors.items()}
+
+    def _eval_batch_size(self, n_samples: int, batch_size: int | None) -> int:
+        """``batch_size``, else one keeping samples × cells × genes near 2.5e7 floats."""
+        if batch_size is not None:
+            return batch_size
+        return int(max(16, min(1024, 2.5e7 // max(n_samples * self.summary_stats.n_vars, 1))))
+
+
+class DosageLabelsMixin:
+    """Dosage rows from labels, for the ATE protocol (:mod:`cellpert.evaluate`).
+
+    Expects a ``perturbation_names`` property (the columns of D).
+    """
+
+    def dosage_from_labels(self, labels: Sequence[str], *, control: Sequence[str] = ("control", "ctrl")) -> np.ndarray:
+        """Dosage rows for labels such as ``"A"``, ``"A+B"`` or a control label (all zeros)."""
+        col = {n: j for j, n in enumerate(self.perturbation_names)}
+        rows = np.zeros((len(labels), len(col)), dtype=np.float32)
+        for i, lab in enumerate(labels):
+            if lab in control:
+                continue
+            for part in str(lab).split("+"):
+                part = part.strip()
+                if part in control or part.lower() in ("ctrl", "control"):
+                    continue
+                if part not in col:
+                    raise CellpertInputError(f"perturbation {part!r} of label {lab!r} is not a column of D.")
+                rows[i, col[part]] += 1.0
+        return rows
+
+    def _dosage_rows(self, dosage: Any) -> np.ndarray:
+        """A dense (R, T) float32 array from an array, tensor, sparse matrix or DataFrame."""
+        if isinstance(dosage, pd.DataFrame):
+            dosage = dosage[self.perturbation_names].to_numpy()
+        if sp.issparse(dosage):
+            dosage = dosage.toarray()
+        if torch.is_tensor(dosage):
+            dosage = dosage.detach().cpu().numpy()
+        rows = np.asarray(dosage, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != len(self.perturbation_names):
+            raise CellpertInputError(f"dosage must be (rows, {len(self.perturbation_names)}), got {tuple(rows.shape)}")
+        return rows
+
+
+class LikelihoodMixin:
+    """Per-cell ELBO and importance-weighted ELBO for models with local latents only.
+
+    Expects ``self.module.log_weights(*inputs, n_samples) -> (log_w (S, B), log_px (S, B),
+    kl (B,))`` and ``self._log_weight_inputs(tensors)`` giving ``inputs`` for a minibatch.
+    """
+
+    def _per_cell(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        split: SplitName | None,
+        n_samples: int,
+        batch_size: int | None,
+        seed: int,
+        iw: bool,
+    ) -> np.ndarray:
+        self.module.eval()
+        idx = self._indices(adata, indices, split)
+        out = []
+        with torch.inference_mode(), seeded(seed):
+            for t in self._eval_batches(adata, idx, self._eval_batch_size(n_samples, batch_size)):
+                logw, log_px, kl = self.module.log_weights(*self._log_weight_inputs(t), n_samples)
+                value = torch.logsumexp(logw, 0) - math.log(n_samples) if iw else log_px.mean(0) - kl
+                out.append(value.double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def get_elbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+        seed: int = 0,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """ELBO per cell, ``E_q[log p(x | ·)] − KL(q ‖ prior)``: ``n_samples`` draws, analytic KL.
+
+        Returns
+        -------
+        The mean over the cells, or per-cell values (``return_mean=False``).
+        """
+        values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=False)
+        return float(values.mean()) if return_mean else values
+
+    def get_iwelbo(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        split: SplitName | None = None,
+        n_samples: int = 100,
+        batch_size: int | None = None,
+        seed: int = 0,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Importance-weighted ELBO per cell, ``log (1/S) Σ_s p(x, latents_s) / q(latents_s | x)``.
+
+        Returns
+        -------
+        The mean over the cells, or per-cell values (``return_mean=False``).
+        """
+        values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=True)
+        return float(values.mean()) if return_mean else values

@@ -5,14 +5,20 @@
 - :class:`GaussianHead`: Normal heads with variance ``exp(·) + 1e-4``;
 - :class:`NBDecoder`, :func:`nb_log_prob`, :func:`nb_sample`: the negative-binomial
   likelihood ``GammaPoisson(θ, θ/μ)`` with per-gene θ = exp(param) (init 1) and observed
-  library size;
+  library size; :func:`poisson_log_prob`; :func:`perturbseq_transform` (the ATE space);
 - :func:`sample_straight_through_bernoulli`, :func:`bernoulli_log_prob`: hard masks with
   relaxed gradients and exact Bernoulli log-probabilities.
 """
 
 from __future__ import annotations
 
-from cellpert.models._components._likelihood import NBDecoder, nb_log_prob, nb_sample
+from cellpert.models._components._likelihood import (
+    NBDecoder,
+    nb_log_prob,
+    nb_sample,
+    perturbseq_transform,
+    poisson_log_prob,
+)
 from cellpert.models._components._masks import bernoulli_log_prob, sample_straight_through_bernoulli
 from cellpert.models._components._nn import GaussianHead, MultiInputLinear, ResidualMLP
 
@@ -24,5 +30,7 @@ __all__ = [
     "bernoulli_log_prob",
     "nb_log_prob",
     "nb_sample",
+    "perturbseq_transform",
+    "poisson_log_prob",
     "sample_straight_through_bernoulli",
 ]

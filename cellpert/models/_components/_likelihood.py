@@ -10,7 +10,7 @@ from torch import nn
 
 from cellpert.models._components._nn import ResidualMLP
 
-__all__ = ["NBDecoder", "nb_log_prob", "nb_sample"]
+__all__ = ["NBDecoder", "nb_log_prob", "nb_sample", "perturbseq_transform", "poisson_log_prob"]
 
 
 def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -53,3 +53,13 @@ class NBDecoder(nn.Module):
     def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """Normalised expression ρ (softmax over genes)."""
         return torch.softmax(self.out(self.body(*inputs)), dim=-1)
+
+
+def poisson_log_prob(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Log-probability of counts under Poisson(``mu``), summed over the last (gene) axis."""
+    return (torch.xlogy(x, mu) - mu - torch.lgamma(x + 1.0)).sum(-1)
+
+
+def perturbseq_transform(x: torch.Tensor) -> torch.Tensor:
+    """MODELS.md §6's ATE space, ``log2(1e4 x / Σ_g x + 1)`` per row (empty rows stay 0)."""
+    return torch.log2(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0) + 1.0)

@@ -20,7 +20,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
-from cellpert.models._base import SplitMixin, SplitName, resolve_epochs, seeded
+from cellpert.models._base import DosageLabelsMixin, SplitMixin, SplitName, resolve_epochs, seeded
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
 from cellpert.models.samsvae._trainingplan import (
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 
-class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Shared model code of SAMS-VAE, CPA-VAE and the conditional VAE."""
 
     _module_cls = PerturbationVAEModule
@@ -254,13 +254,6 @@ class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """Seed torch's global RNG inside the block and restore its state afterwards."""
         return seeded(seed)
 
-    def _eval_batches(self, adata, indices, batch_size):
-        adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, shuffle=False)
-        for tensors in loader:
-            yield {k: v.to(self.device) for k, v in tensors.items()}
-
-    # ------------------------------------------------------------ accessors
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -380,12 +373,6 @@ class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
             columns=[f"z{k}" for k in range(self.module.n_latent)],
         )
 
-    def _eval_batch_size(self, n_samples: int, batch_size: int | None) -> int:
-        if batch_size is not None:
-            return batch_size
-        # keep S × B × G around 2.5e7 floats
-        return int(max(16, min(1024, 2.5e7 // max(n_samples * self.summary_stats.n_vars, 1))))
-
     @torch.inference_mode()
     def get_iwelbo(
         self,
@@ -464,22 +451,6 @@ class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return np.concatenate(out) if out else np.zeros(0)
 
     # ------------------------------------------------------------ prediction
-    def dosage_from_labels(self, labels: Sequence[str], *, control: Sequence[str] = ("control", "ctrl")) -> np.ndarray:
-        """Dosage rows for labels such as ``"A"``, ``"A+B"`` or a control label (all zeros)."""
-        col = {n: j for j, n in enumerate(self.perturbation_names)}
-        rows = np.zeros((len(labels), len(col)), dtype=np.float32)
-        for i, lab in enumerate(labels):
-            if lab in control:
-                continue
-            for part in str(lab).split("+"):
-                part = part.strip()
-                if part in control or part.lower() in ("ctrl", "control"):
-                    continue
-                if part not in col:
-                    raise CellpertInputError(f"perturbation {part!r} of label {lab!r} is not a column of D.")
-                rows[i, col[part]] += 1.0
-        return rows
-
     @torch.inference_mode()
     def get_predictive_means(
         self,
@@ -522,15 +493,7 @@ class _PerturbationVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
         (R, G) float32 array.
         """
         self.module.eval()
-        if isinstance(dosage, pd.DataFrame):
-            dosage = dosage[self.perturbation_names].to_numpy()
-        if sp.issparse(dosage):
-            dosage = dosage.toarray()
-        d = torch.as_tensor(np.asarray(dosage, dtype=np.float32), device=self.device)
-        if d.dim() != 2 or d.shape[1] != len(self.perturbation_names):
-            raise CellpertInputError(
-                f"dosage must be (rows, {len(self.perturbation_names)}), got {tuple(d.shape)}"
-            )
+        d = torch.as_tensor(self._dosage_rows(dosage), device=self.device)
         lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
         if chunk_size is None:
             chunk_size = int(max(1, min(n_samples, 2e7 // max(d.shape[0] * self.summary_stats.n_vars, 1))))

@@ -32,6 +32,7 @@ from cellpert.models._components import (
     bernoulli_log_prob,
     nb_log_prob,
     nb_sample,
+    perturbseq_transform,
     sample_straight_through_bernoulli,
 )
 
@@ -495,7 +496,7 @@ class PerturbationVAEModule(BaseModuleClass):
             else:
                 x = nb_sample(library * rho, self.decoder.theta)
                 if transform == "perturbseq":
-                    x = torch.log2(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0) + 1.0)
+                    x = perturbseq_transform(x)
                 total += x.sum(0, dtype=torch.float64)
             done += c
         return (total / n_samples).float()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, PerturbationScreen, detect_control_labels
-from cellpert.models._base import SplitMixin, SplitName, resolve_epochs, seeded
+from cellpert.models._base import LikelihoodMixin, SplitMixin, SplitName, resolve_epochs, seeded
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.svae._module import LABEL_KEY, LIBRARY_KEY, Prior, SVAEModule
 from cellpert.models.svae._trainingplan import WarmupAwareEarlyStopping
@@ -105,7 +104,7 @@ def _resolve_controls(
         return []
 
 
-class SVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SVAE(LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (MODELS.md §4).
 
     One label a per cell; ``z ~ N(m ⊙ μ_a, I)`` with hard Gumbel-sigmoid masks m from
@@ -435,12 +434,6 @@ class SVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return create
 
     # -------------------------------------------------------------- helpers
-    def _eval_batches(self, adata: AnnData | None, indices: np.ndarray, batch_size: int | None):
-        adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, shuffle=False)
-        for tensors in loader:
-            yield {k: v.to(self.device) for k, v in tensors.items()}
-
     def _frame(self, values: torch.Tensor | np.ndarray) -> pd.DataFrame:
         if torch.is_tensor(values):
             values = values.detach().cpu().numpy()
@@ -528,76 +521,9 @@ class SVAE(SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
             }
         return out
 
-    def _eval_batch_size(self, n_samples: int, batch_size: int | None) -> int:
-        if batch_size is not None:
-            return batch_size
-        # keep S × B × G around 2.5e7 floats
-        return int(max(16, min(1024, 2.5e7 // max(n_samples * self.summary_stats.n_vars, 1))))
-
-    def _per_cell(
-        self,
-        adata: AnnData | None,
-        indices: Sequence[int] | None,
-        split: SplitName | None,
-        n_samples: int,
-        batch_size: int | None,
-        seed: int,
-        iw: bool,
-    ) -> np.ndarray:
-        self.module.eval()
-        idx = self._indices(adata, indices, split)
-        out = []
-        with torch.inference_mode(), seeded(seed):
-            for t in self._eval_batches(adata, idx, self._eval_batch_size(n_samples, batch_size)):
-                logw, log_px, kl = self.module.log_weights(
-                    t[REGISTRY_KEYS.X_KEY], t[LIBRARY_KEY], t[LABEL_KEY], n_samples
-                )
-                value = torch.logsumexp(logw, 0) - math.log(n_samples) if iw else log_px.mean(0) - kl
-                out.append(value.double().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def get_elbo(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        split: SplitName | None = None,
-        n_samples: int = 10,
-        batch_size: int | None = None,
-        seed: int = 0,
-        return_mean: bool = True,
-    ) -> float | np.ndarray:
-        """ELBO per cell: ``E_q[log p(x | z)] − KL(q(z | x) ‖ N(m ⊙ μ_a, I))``.
-
-        The expectation by ``n_samples`` draws of z, the KL analytic, masks thresholded
-        (or frozen). No sparsity term.
-
-        Returns
-        -------
-        The mean over the cells, or per-cell values (``return_mean=False``).
-        """
-        values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=False)
-        return float(values.mean()) if return_mean else values
-
-    def get_iwelbo(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        *,
-        split: SplitName | None = None,
-        n_samples: int = 100,
-        batch_size: int | None = None,
-        seed: int = 0,
-        return_mean: bool = True,
-    ) -> float | np.ndarray:
-        """Importance-weighted ELBO per cell, ``log (1/S) Σ_s p(x | z_s) p(z_s | a, m) / q(z_s | x)``.
-
-        Returns
-        -------
-        The mean over the cells, or per-cell values (``return_mean=False``).
-        """
-        values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=True)
-        return float(values.mean()) if return_mean else values
+    def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``(x, ℓ, label)`` for :meth:`SVAEModule.log_weights` (masks thresholded or frozen)."""
+        return tensors[REGISTRY_KEYS.X_KEY], tensors[LIBRARY_KEY], tensors[LABEL_KEY]
 
 
 class SVAEPlus(SVAE):

@@ -1,0 +1,521 @@
+"""The comparative VAE as an scvi-tools model (Lopez et al., CLeaR 2024; MODELS.md §5)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField, NumericalObsField
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+
+from cellpert._errors import CellpertInputError
+from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, gene_log1p_stats
+from cellpert.models._base import (
+    DosageLabelsMixin,
+    LikelihoodMixin,
+    SplitMixin,
+    SplitName,
+    resolve_epochs,
+    seeded,
+)
+from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
+from cellpert.models.comparative._datasplitter import ComparativeDataSplitter
+from cellpert.models.comparative._module import (
+    IS_TARGET_KEY,
+    LIBRARY_KEY,
+    ComparativeVAEModule,
+    Likelihood,
+)
+from cellpert.models.comparative._trainingplan import MODES, ComparativeTrainingPlan, Mode
+
+__all__ = ["DEFAULT_IS_TARGET_KEY", "ComparativeVAE"]
+
+logger = logging.getLogger(__name__)
+
+#: obs column of the target indicator (1.0 target, 0.0 background) written by ``setup_anndata``.
+DEFAULT_IS_TARGET_KEY = "cellpert_is_target"
+
+
+def _target_indicator(
+    adata: AnnData, background_key: str | None, background: Sequence[str] | str | None, dosage_key: str
+) -> np.ndarray:
+    """1 for target cells, 0 for background cells (see :meth:`ComparativeVAE.setup_anndata`)."""
+    if isinstance(background, str):
+        background = [b.strip() for b in background.split(",") if b.strip()]
+    if background is not None and background_key is None:
+        section = adata.uns.get(UNS_KEY)
+        recorded = section.get("screen", {}).get("perturbation_key") if isinstance(section, dict) else None
+        if not recorded:
+            raise CellpertInputError(
+                "background values given without background_key; name the obs column holding them "
+                "(--background-key)."
+            )
+        background_key = str(recorded)
+    if background_key is not None:
+        if background_key not in adata.obs:
+            raise CellpertInputError(f"obs has no column {background_key!r} (background_key); check the name.")
+        values = adata.obs[background_key].astype(str)
+        if background is None:
+            section = adata.uns.get(UNS_KEY)
+            recorded = section.get("screen", {}).get("control") if isinstance(section, dict) else None
+            if recorded is None or not len(np.atleast_1d(recorded)):
+                raise CellpertInputError(
+                    f"no background values for obs[{background_key!r}]; pass background=<value(s)> "
+                    "(--background), e.g. the control label."
+                )
+            background = [str(c) for c in np.atleast_1d(recorded)]
+        unknown = sorted(set(background) - set(values.unique()))
+        if unknown:
+            raise CellpertInputError(
+                f"background value(s) {unknown[:5]} do not occur in obs[{background_key!r}] "
+                f"(values: {', '.join(sorted(values.unique())[:8])})."
+            )
+        return (~values.isin(list(background))).to_numpy().astype(np.float32)
+    if dosage_key not in adata.obsm:
+        raise CellpertInputError(
+            f"no way to tell background from target cells: obsm has no {dosage_key!r}; build it with "
+            "cellpert.models.prepare_anndata(screen) (controls = background) or pass background_key and background."
+        )
+    dosage = adata.obsm[dosage_key]
+    dosage = sp.csr_matrix(dosage.to_numpy() if isinstance(dosage, pd.DataFrame) else dosage)
+    return (np.diff(dosage.indptr) > 0).astype(np.float32)
+
+
+class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelClass):
+    """Comparative VAE: background data decoded from z, target data from (z, t) (MODELS.md §5).
+
+    Background cells (e.g. controls) have ``z ~ N(0, I)`` and ``x ~ p(x | f(z, 0))``;
+    target cells (perturbed or stimulated) also a salient ``t ~ N(0, I)`` and
+    ``x ~ p(x | f(z, t))``. One decoder f, a residual leaky-ReLU network (piecewise
+    affine: the paper's identifiability condition), NB (or Poisson) counts with observed
+    library size. Three fitting modes, chosen in :meth:`train`: ``standard``,
+    ``multi-objective`` and ``constrained``.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_background_latent
+        d_z, dimension of the shared (background) latent z.
+    n_salient_latent
+        d_t, dimension of the salient latent t.
+    n_hidden
+        Width of encoders and decoder (128).
+    n_layers
+        Decoder hidden layers (2).
+    n_layers_encoder
+        Hidden layers of each encoder (2).
+    likelihood
+        ``"nb"`` (default) or ``"poisson"``.
+    seed
+        Seeds the initial parameters and, by default, training.
+
+    Examples
+    --------
+    >>> screen = cellpert.data.load_screen("kang.h5ad", perturbation_key="condition", control="control")
+    >>> adata = cellpert.models.prepare_anndata(screen)
+    >>> ComparativeVAE.setup_anndata(adata)  # controls are the background
+    >>> model = ComparativeVAE(adata, n_background_latent=10, n_salient_latent=2)
+    >>> model.train(max_epochs=200, mode="constrained", constraint_level=0.05)
+    >>> adata.obsm["X_salient"] = model.get_latent_representation(representation="salient")
+    """
+
+    _module_cls = ComparativeVAEModule
+    _training_plan_cls = ComparativeTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_background_latent: int = 10,
+        n_salient_latent: int = 2,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_layers_encoder: int = 2,
+        likelihood: Likelihood = "nb",
+        seed: int = 0,
+    ) -> None:
+        if likelihood not in ("nb", "poisson"):
+            raise CellpertInputError(f"likelihood must be 'nb' or 'poisson', got {likelihood!r}.")
+        for name, value in (("n_background_latent", n_background_latent), ("n_salient_latent", n_salient_latent)):
+            if int(value) < 1:
+                raise CellpertInputError(f"{name} must be >= 1, got {value}.")
+        super().__init__(adata)
+        self.seed = int(seed)
+        n_genes = self.summary_stats.n_vars
+        is_target = self._is_target()
+        train_idx = self.split_indices("train")
+        n_bg = int((is_target[train_idx] == 0).sum())
+        n_tg = len(train_idx) - n_bg
+        if len(train_idx) and (n_bg == 0 or n_tg == 0):
+            raise CellpertInputError(
+                f"the training split has {n_bg} background and {n_tg} target cells; a comparative model "
+                "needs both (check --background / --control and the split)."
+            )
+        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        mean, std = gene_log1p_stats(counts, rows=train_idx)
+        with seeded(self.seed):
+            self.module = self._module_cls(
+                n_genes,
+                n_background_latent=n_background_latent,
+                n_salient_latent=n_salient_latent,
+                n_hidden=n_hidden,
+                n_layers=n_layers,
+                n_layers_encoder=n_layers_encoder,
+                likelihood=likelihood,
+            )
+        self.module.gene_mean.copy_(torch.as_tensor(mean))
+        self.module.gene_std.copy_(torch.as_tensor(std))
+        adata_now = self.adata
+        names_key = dosage_names_key(DEFAULT_DOSAGE_KEY)
+        if adata_now is not None and names_key in adata_now.uns:
+            self.perturbation_names_ = [str(n) for n in np.atleast_1d(adata_now.uns[names_key])]
+        else:
+            self.perturbation_names_ = ["target"]
+        self._model_summary_string = (
+            f"ComparativeVAE: {n_genes} genes, d_z={n_background_latent}, d_t={n_salient_latent}, "
+            f"{likelihood} likelihood, {len(train_idx)} training cells ({n_bg} background, {n_tg} target)"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        background_key: str | None = None,
+        background: Sequence[str] | str | None = None,
+        dosage_key: str = DEFAULT_DOSAGE_KEY,
+        library_size_key: str = DEFAULT_LIBRARY_SIZE_KEY,
+        is_target_key: str = DEFAULT_IS_TARGET_KEY,
+        split_key: str | None = DEFAULT_SPLIT_KEY,
+        **kwargs,
+    ) -> None:
+        """Register counts, background / target membership, library size and split.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes AnnData with raw counts.
+        layer
+            Layer with raw counts; ``None`` for ``X``.
+        background_key
+            obs column whose ``background`` values mark the background cells (e.g.
+            ``"condition"``). ``None`` with ``background`` given: the screen's recorded
+            perturbation column. ``None`` with neither: the control cells of the dosage
+            matrix ``obsm[dosage_key]`` (an all-zero row) are the background.
+        background
+            Value(s) of ``obs[background_key]`` of the background cells (a list, or a
+            comma-separated string). Default: the recorded control label(s).
+        dosage_key
+            obsm key of D (from :func:`~cellpert.models.prepare_anndata`), used when no
+            ``background_key`` is given.
+        library_size_key
+            obs column with ℓ_i; computed from the counts and written there if missing.
+        is_target_key
+            obs column to write the membership into.
+        split_key
+            obs column with ``train`` / ``val`` / ``test`` / ``unused``; ``None``: every
+            cell is a training cell.
+
+        Returns
+        -------
+        Nothing; registers the AnnData. Writes ``adata.obs[is_target_key]`` (float32, 1.0
+        for target and 0.0 for background cells) and, if missing,
+        ``adata.obs[library_size_key]``.
+        """
+        if isinstance(background, str):
+            background = [b.strip() for b in background.split(",") if b.strip()]
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if split_key is not None and split_key not in adata.obs:
+            raise CellpertInputError(
+                f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
+                "pass split_key=None to train on every cell."
+            )
+        indicator = _target_indicator(adata, background_key, background, dosage_key)
+        if indicator.min() == indicator.max():
+            which = "target" if indicator[0] else "background"
+            raise CellpertInputError(
+                f"every cell is a {which} cell; a comparative model needs background and target cells "
+                "(check --background / --background-key or --control)."
+            )
+        adata.obs[is_target_key] = indicator
+        if library_size_key not in adata.obs:
+            counts = adata.X if layer is None else adata.layers[layer]
+            adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            NumericalObsField(IS_TARGET_KEY, is_target_key),
+            NumericalObsField(LIBRARY_KEY, library_size_key),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    def _is_target(self, adata: AnnData | None = None) -> np.ndarray:
+        adata = self._validate_anndata(adata)
+        values = self.get_anndata_manager(adata, required=True).get_from_registry(IS_TARGET_KEY)
+        return np.asarray(values).ravel().astype(np.float32)
+
+    @property
+    def perturbation_names(self) -> list[str]:
+        """Names of the columns of D (for ATEs; every non-zero row is a target row)."""
+        return list(self.perturbation_names_)
+
+    # ------------------------------------------------------------------ train
+    def train(
+        self,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+        *,
+        mode: Mode = "standard",
+        penalty_weight: float = 1.0,
+        mmd_weight: float = 0.0,
+        constraint_level: float = 0.05,
+        dual_lr: float = 0.1,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        n_epochs_kl_warmup: int | None = None,
+        gradient_clip_val: float | None = None,
+        early_stopping: bool = False,
+        check_val_every_n_epoch: int = 1,
+        seed: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_indices: Sequence[int] | None = None,
+        val_indices: Sequence[int] | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
+    ):
+        """Train with Adam; minibatches hold background and target cells in proportion.
+
+        Parameters
+        ----------
+        max_steps
+            Optimisation steps (takes precedence over ``max_epochs``).
+        max_epochs
+            Epochs when ``max_steps`` is None (default: scvi-tools' heuristic).
+        mode
+            ``"standard"``: fixed ``penalty_weight``; ``"multi-objective"``: the min-norm
+            direction of the background and target objectives each step;
+            ``"constrained"``: dual ascent on the penalty weight λ so that the background
+            cells' mean Wasserstein penalty stays at ``constraint_level · d_t``. See
+            :mod:`cellpert.models.comparative._trainingplan`.
+        penalty_weight
+            Weight of the Wasserstein penalty (standard, multi-objective), or the initial
+            λ (constrained). Never scaled by the KL warm-up.
+        mmd_weight
+            Weight of the MMD between background and target cells' shared latents (0: off).
+        constraint_level
+            ε / d_t in the constrained mode: the fraction of the salient prior's energy
+            (``E‖t‖² = d_t``) that background cells' salient posteriors may carry, e.g.
+            0.05.
+        dual_lr
+            η, the dual-ascent step size per training step (constrained).
+        batch_size
+            Nominal minibatch size (see
+            :class:`~cellpert.models.comparative._datasplitter.ProportionalBatchSampler`).
+        lr, weight_decay
+            Adam's learning rate and weight decay (eps 1e-8).
+        n_epochs_kl_warmup
+            Epochs of linear KL warm-up (None: none).
+        gradient_clip_val
+            Clip the gradient norm (every mode).
+        early_stopping
+            scvi-tools' early stopping on the validation ELBO.
+        check_val_every_n_epoch
+            Validation frequency.
+        seed
+            Seeds data order and every draw (default: the model's ``seed``).
+        accelerator, devices
+            Lightning devices.
+        train_indices, val_indices
+            Override the cells of the split.
+        plan_kwargs
+            Extra :class:`~scvi.train.TrainingPlan` arguments.
+        **trainer_kwargs
+            Extra :class:`~scvi.train.Trainer` arguments.
+
+        Returns
+        -------
+        Whatever scvi-tools' :class:`~scvi.train.TrainRunner` returns. The history
+        (``model.history``) has, per epoch, ``penalty_weight`` (λ's trajectory),
+        ``wasserstein_train`` and, in the multi-objective mode, ``mgda_alpha``.
+        """
+        if mode not in MODES:
+            raise CellpertInputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
+        if not penalty_weight >= 0 or not mmd_weight >= 0:
+            raise CellpertInputError("penalty_weight and mmd_weight must be >= 0.")
+        if mode == "constrained" and not 0 < constraint_level < 1:
+            raise CellpertInputError(
+                f"constraint_level is a fraction of the salient prior's energy, in (0, 1); got {constraint_level}."
+            )
+        seed = self.seed if seed is None else int(seed)
+        train_idx = self.split_indices("train") if train_indices is None else np.asarray(train_indices)
+        val_idx = self.split_indices("val") if val_indices is None else np.asarray(val_indices)
+        max_epochs, _ = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
+        splitter = ComparativeDataSplitter(
+            self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size
+        )
+        plan = {
+            "optimizer": "Adam",
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "eps": 1e-8,
+            "n_epochs_kl_warmup": n_epochs_kl_warmup or None,
+            "n_steps_kl_warmup": None,
+            "mode": mode,
+            "penalty_weight": penalty_weight,
+            "mmd_weight": mmd_weight,
+            "constraint_level": constraint_level,
+            "dual_lr": dual_lr,
+            **(plan_kwargs or {}),
+        }
+        training_plan = self._training_plan_cls(self.module, **plan)
+        if mode == "multi-objective":
+            training_plan.manual_clip_norm = gradient_clip_val
+        elif gradient_clip_val is not None:
+            trainer_kwargs["gradient_clip_val"] = gradient_clip_val
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+        trainer_kwargs.setdefault("enable_model_summary", False)
+        if early_stopping and len(val_idx):
+            trainer_kwargs.update(early_stopping=True, early_stopping_monitor="elbo_validation")
+        pl.seed_everything(seed, workers=True, verbose=False)
+        runner = TrainRunner(
+            self,
+            training_plan=training_plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            max_steps=-1 if max_steps is None else int(max_steps),
+            accelerator=accelerator,
+            devices=devices,
+            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
+            **trainer_kwargs,
+        )
+        out = runner()
+        self.training_mode_ = mode
+        self.final_penalty_weight_ = training_plan.multiplier
+        self.module.eval()
+        return out
+
+    # ------------------------------------------------------------- accessors
+    def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tensors[REGISTRY_KEYS.X_KEY], tensors[LIBRARY_KEY], tensors[IS_TARGET_KEY]
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        *,
+        representation: Literal["background", "salient"] = "background",
+        split: SplitName | None = None,
+    ) -> np.ndarray:
+        """Posterior means of the shared latent z or of the salient latent t.
+
+        The salient means are the encoder's for every cell, background cells included
+        (the model decodes those with t = 0; their salient means measure leakage).
+
+        Returns
+        -------
+        (n_cells, d_z) or (n_cells, d_t) float32 array.
+        """
+        if representation not in ("background", "salient"):
+            raise CellpertInputError(f"representation must be 'background' or 'salient', got {representation!r}.")
+        self.module.eval()
+        key = "qz_loc" if representation == "background" else "qt_loc"
+        idx = self._indices(adata, indices, split)
+        out = [self.module.encode(t[REGISTRY_KEYS.X_KEY])[key].cpu().numpy() for t in self._eval_batches(adata, idx, batch_size)]
+        width = self.module.n_background_latent if representation == "background" else self.module.n_salient_latent
+        return np.concatenate(out, axis=0) if out else np.zeros((0, width), np.float32)
+
+    def get_salient_representation(self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None) -> np.ndarray:
+        """Posterior means of t (:meth:`get_latent_representation` with ``representation="salient"``)."""
+        return self.get_latent_representation(adata, indices, batch_size, representation="salient")
+
+    def is_target(self, adata: AnnData | None = None) -> np.ndarray:
+        """Boolean membership per cell: True for target, False for background."""
+        return self._is_target(adata) > 0.5
+
+    def export_fields(self, adata: AnnData | None = None, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
+        """What ``cellpert export-latents`` writes.
+
+        Returns
+        -------
+        ``{"obsm": {"background": z means, "salient": t means}, "uns": {"training": {...}}}``
+        with the training mode, the final penalty weight and the set sizes.
+        """
+        is_target = self.is_target(adata)
+        training = {
+            "mode": getattr(self, "training_mode_", "untrained"),
+            "final_penalty_weight": float(getattr(self, "final_penalty_weight_", float("nan"))),
+            "n_background_cells": int((~is_target).sum()),
+            "n_target_cells": int(is_target.sum()),
+        }
+        return {
+            "obsm": {
+                "background": self.get_latent_representation(adata, batch_size=batch_size),
+                "salient": self.get_latent_representation(adata, batch_size=batch_size, representation="salient"),
+            },
+            "uns": {"training": training},
+        }
+
+    @torch.inference_mode()
+    def get_predictive_means(
+        self,
+        dosage: np.ndarray | torch.Tensor | sp.spmatrix | pd.DataFrame,
+        *,
+        n_samples: int = 2500,
+        library_size: float | np.ndarray = 1e4,
+        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> np.ndarray:
+        """Prior predictive mean expression per dosage row (for ATEs, MODELS.md §6).
+
+        A zero row is a background row (``t = 0``); any other row a target row (``t ~
+        N(0, I)``): the model has one salient space for every target cell, so all
+        perturbations get the same predicted effect. ``z ~ N(0, I)`` for every row.
+
+        Parameters
+        ----------
+        dosage
+            (R, T) rows (see :meth:`dosage_from_labels`).
+        n_samples
+            Particles.
+        library_size
+            ℓ: scalar or one per row.
+        transform
+            ``"perturbseq"``, ``"counts"`` or ``"rho"``.
+        seed
+            Seeds every draw.
+        chunk_size
+            Particles per vectorised chunk.
+
+        Returns
+        -------
+        (R, G) float32 array.
+        """
+        self.module.eval()
+        rows = self._dosage_rows(dosage)
+        is_target = torch.as_tensor((np.abs(rows).sum(1) > 0).astype(np.float32), device=self.device)
+        lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
+        if chunk_size is None:
+            chunk_size = int(max(1, min(n_samples, 2e7 // max(rows.shape[0] * self.summary_stats.n_vars, 1))))
+        with seeded(seed):
+            out = self.module.predictive_means(is_target, n_samples, lib, transform=transform, chunk_size=chunk_size)
+        return out.cpu().numpy()

@@ -1,0 +1,306 @@
+"""Torch module of the comparative VAE (Lopez et al., CLeaR 2024; MODELS.md §5).
+
+Generative model, for a background cell (``g_i = 0``) and a target cell (``g_i = 1``)::
+
+    z_i ~ N(0, I_dz)                        shared (background) latent, every cell
+    t_i ~ N(0, I_dt)  if g_i = 1, else 0    salient latent, target cells only
+    x_ig ~ NB(ℓ_i ρ_g(z_i, t_i), θ_g)       (or Poisson), ρ = softmax(f(z, t))
+
+with one decoder f for both data sets whose hidden activations are leaky ReLUs (a
+piecewise affine map, the paper's identifiability condition). The encoders
+``q(z | x)`` and ``q(t | x)`` are Gaussian and see only the counts.
+
+Per cell the negative ELBO is ``rec_i + w (KL_z,i + g_i KL_t,i)`` (w: KL warm-up weight).
+The regularisers act on background cells' salient posteriors and are NOT scaled by w:
+
+- Wasserstein penalty (contrastiveVI's) ``W_i = ‖μ_t(x_i)‖² + Σ_k σ²_t,k(x_i)``, the
+  squared 2-Wasserstein distance between q(t | x_i) and a point mass at 0;
+- optional MMD between the shared latents of background and target cells of the
+  minibatch (Gaussian kernels), pushing z to mix the two conditions.
+
+:meth:`ComparativeVAEModule.loss` returns the combined objective and, for the
+multi-objective mode, the background and target objectives separately.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+from cellpert.models._components import (
+    GaussianHead,
+    NBDecoder,
+    ResidualMLP,
+    nb_log_prob,
+    nb_sample,
+    perturbseq_transform,
+    poisson_log_prob,
+)
+
+__all__ = ["IS_TARGET_KEY", "LIBRARY_KEY", "ComparativeVAEModule", "gaussian_kl", "mmd", "wasserstein_to_zero"]
+
+#: Registry key of the target indicator g_i (1 target, 0 background).
+IS_TARGET_KEY = "is_target"
+#: Registry key of the observed library size ℓ_i.
+LIBRARY_KEY = "library_size"
+
+Likelihood = Literal["nb", "poisson"]
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_kl(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(loc, scale²) ‖ N(0, I)), summed over the last axis."""
+    var = scale**2
+    return 0.5 * (var + loc**2 - 1.0 - torch.log(var)).sum(-1)
+
+
+def wasserstein_to_zero(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Squared 2-Wasserstein distance of N(loc, diag scale²) to δ_0: ``‖loc‖² + Σ scale²``."""
+    return (loc**2).sum(-1) + (scale**2).sum(-1)
+
+
+def mmd(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)) -> torch.Tensor:
+    """Biased squared MMD between samples ``a`` (n, d) and ``b`` (m, d), sum of Gaussian kernels.
+
+    Kernel ``Σ_s exp(−‖u − v‖² / (2 s² d))``: the bandwidths are relative to the dimension
+    d, so the same ``scales`` suit any latent size. Zero when either set is empty.
+    """
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return a.new_zeros(())
+    d = a.shape[-1]
+
+    def kernel(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dist = torch.cdist(u, v).pow(2)
+        return sum(torch.exp(-dist / (2.0 * s * s * d)) for s in scales)
+
+    return kernel(a, a).mean() + kernel(b, b).mean() - 2.0 * kernel(a, b).mean()
+
+
+class ComparativeVAEModule(BaseModuleClass):
+    """Comparative VAE module: shared latent z, salient latent t (MODELS.md §5).
+
+    Parameters
+    ----------
+    n_genes
+        G.
+    n_background_latent
+        d_z.
+    n_salient_latent
+        d_t.
+    n_hidden
+        Width of the encoders and of the decoder.
+    n_layers
+        Hidden layers of the decoder (residual leaky-ReLU blocks: piecewise affine).
+    n_layers_encoder
+        Hidden layers of each encoder.
+    likelihood
+        ``"nb"`` (per-gene inverse dispersion) or ``"poisson"``.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        *,
+        n_background_latent: int = 10,
+        n_salient_latent: int = 2,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_layers_encoder: int = 2,
+        likelihood: Likelihood = "nb",
+    ) -> None:
+        super().__init__()
+        self.n_genes = int(n_genes)
+        self.n_background_latent = int(n_background_latent)
+        self.n_salient_latent = int(n_salient_latent)
+        self.likelihood = likelihood
+        self.z_encoder = ResidualMLP([n_genes], n_hidden, n_layers_encoder)
+        self.z_head = GaussianHead(n_hidden, n_background_latent)
+        self.t_encoder = ResidualMLP([n_genes], n_hidden, n_layers_encoder)
+        self.t_head = GaussianHead(n_hidden, n_salient_latent)
+        self.decoder = NBDecoder([n_background_latent, n_salient_latent], n_genes, n_hidden, n_layers)
+        if likelihood == "poisson":
+            self.decoder.log_theta.requires_grad_(False)
+        # encoder input statistics of log1p(x), computed on the training cells by the model
+        self.register_buffer("gene_mean", torch.zeros(n_genes))
+        self.register_buffer("gene_std", torch.ones(n_genes))
+
+    # ------------------------------------------------------------ scvi API
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"x": tensors[REGISTRY_KEYS.X_KEY], "is_target": tensors[IS_TARGET_KEY].reshape(-1)}
+
+    def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
+        return {
+            "z": inference_outputs["z"],
+            "t": inference_outputs["t"],
+            "library_size": tensors[LIBRARY_KEY].reshape(-1),
+        }
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Posterior parameters of q(z | x) and q(t | x)."""
+        h = (torch.log1p(x) - self.gene_mean) / self.gene_std
+        qz_loc, qz_scale = self.z_head(self.z_encoder(h))
+        qt_loc, qt_scale = self.t_head(self.t_encoder(h))
+        return {"qz_loc": qz_loc, "qz_scale": qz_scale, "qt_loc": qt_loc, "qt_scale": qt_scale}
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor, is_target: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor]:
+        """Encode and sample (reparameterised); background cells get ``t = 0``."""
+        out = self.encode(x)
+        shape = (n_samples,) if n_samples > 1 else ()
+        # shared latent z_i ~ q(z | x_i), every cell
+        z = out["qz_loc"] + out["qz_scale"] * torch.randn(shape + out["qz_loc"].shape, device=x.device)
+        # salient latent t_i ~ q(t | x_i) for target cells; t_i = 0 for background cells
+        t = out["qt_loc"] + out["qt_scale"] * torch.randn(shape + out["qt_loc"].shape, device=x.device)
+        t = t * is_target.reshape(-1, 1).to(t.dtype)
+        return {**out, "z": z, "t": t}
+
+    @auto_move_data
+    def generative(self, z: torch.Tensor, t: torch.Tensor, library_size: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean counts ``ℓ ρ(z, t)``."""
+        rho = self.decoder(z, t)
+        return {"rho": rho, "mu": library_size.reshape(-1, 1) * rho}
+
+    def log_likelihood(self, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """log p(x | mean ``mu``) per cell."""
+        if self.likelihood == "poisson":
+            return poisson_log_prob(x, mu)
+        return nb_log_prob(x, mu, self.decoder.theta)
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, torch.Tensor],
+        generative_outputs: dict[str, torch.Tensor],
+        kl_weight: float = 1.0,
+        penalty_weight: float = 1.0,
+        mmd_weight: float = 0.0,
+    ) -> LossOutput:
+        """Objectives of one minibatch.
+
+        ``loss`` (standard and constrained modes) is the mean over the minibatch's cells of
+        ``rec_i + w (KL_z,i + g_i KL_t,i)``, plus ``penalty_weight`` times the mean
+        Wasserstein penalty over its background cells, plus ``mmd_weight`` times the MMD.
+        Minibatches hold background and target cells in proportion to the data sets, so
+        the mean over cells estimates the per-cell negative ELBO of the whole data.
+
+        ``extra_metrics`` holds ``loss_background`` (mean over background cells of the
+        per-cell term, plus the regularisers) and ``loss_target`` (mean over target cells),
+        the two objectives of the multi-objective mode, and ``wasserstein`` (mean W over
+        the background cells, the constrained quantity) and ``mmd``.
+        """
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        is_target = inference_outputs["t"].new_tensor(tensors[IS_TARGET_KEY].reshape(-1))
+        is_background = 1.0 - is_target
+        rec = -self.log_likelihood(x, generative_outputs["mu"])
+        kl_z = gaussian_kl(inference_outputs["qz_loc"], inference_outputs["qz_scale"])
+        kl_t = gaussian_kl(inference_outputs["qt_loc"], inference_outputs["qt_scale"]) * is_target
+        per_cell = rec + kl_weight * (kl_z + kl_t)
+        n_bg, n_tg = is_background.sum(), is_target.sum()
+        w = wasserstein_to_zero(inference_outputs["qt_loc"], inference_outputs["qt_scale"])
+        wasserstein = (w * is_background).sum() / n_bg.clamp(min=1.0)
+        bg_rows, tg_rows = is_background.bool(), is_target.bool()
+        discrepancy = (
+            mmd(inference_outputs["z"][bg_rows], inference_outputs["z"][tg_rows]) if mmd_weight > 0 else per_cell.new_zeros(())
+        )
+        regulariser = penalty_weight * wasserstein + mmd_weight * discrepancy
+        loss = per_cell.mean() + regulariser
+        loss_background = (per_cell * is_background).sum() / n_bg.clamp(min=1.0) + regulariser
+        loss_target = (per_cell * is_target).sum() / n_tg.clamp(min=1.0)
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=rec,
+            kl_local={"kl_z": kl_z, "kl_t": kl_t},
+            extra_metrics={
+                "loss_background": loss_background,
+                "loss_target": loss_target,
+                "wasserstein": wasserstein,
+                "mmd": discrepancy,
+            },
+        )
+
+    # ----------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def log_weights(
+        self, x: torch.Tensor, library_size: torch.Tensor, is_target: torch.Tensor, n_samples: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Importance log-weights ``log p(x | z, t) + log p(z, t) − log q(z, t | x)``.
+
+        Returns
+        -------
+        ``(log_w, log_px, kl)``: ``(S, B)`` log-weights and log-likelihoods, and the
+        analytic ``(B,)`` KL of q from the prior (t counted for target cells only).
+        """
+        out = self.encode(x)
+        g = is_target.reshape(-1).to(x.dtype)
+        # z_s ~ q(z | x) and, for target cells, t_s ~ q(t | x)
+        eps_z = torch.randn((n_samples,) + out["qz_loc"].shape, device=x.device)
+        eps_t = torch.randn((n_samples,) + out["qt_loc"].shape, device=x.device)
+        z = out["qz_loc"] + out["qz_scale"] * eps_z
+        t = (out["qt_loc"] + out["qt_scale"] * eps_t) * g.reshape(-1, 1)
+        mu = library_size.reshape(-1, 1) * self.decoder(z, t)
+        log_px = self.log_likelihood(x, mu)
+        # log p(z) − log q(z | x) per sample (the 2π terms cancel)
+        log_ratio = (-0.5 * z**2 + 0.5 * eps_z**2 + torch.log(out["qz_scale"])).sum(-1)
+        log_ratio = log_ratio + g * (-0.5 * t**2 + 0.5 * eps_t**2 + torch.log(out["qt_scale"])).sum(-1)
+        kl = gaussian_kl(out["qz_loc"], out["qz_scale"]) + g * gaussian_kl(out["qt_loc"], out["qt_scale"])
+        return log_px + log_ratio, log_px, kl
+
+    @torch.inference_mode()
+    def predictive_means(
+        self,
+        is_target: torch.Tensor,
+        n_samples: int,
+        library_size: torch.Tensor,
+        *,
+        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
+        chunk_size: int = 50,
+    ) -> torch.Tensor:
+        """Mean over prior predictive particles, per row (background or target).
+
+        Each particle draws ``z ~ N(0, I)`` and, for target rows, ``t ~ N(0, I)``,
+        independently per row, and, unless ``transform="rho"``, counts from the likelihood
+        with mean ``ℓ ρ(z, t)``.
+
+        Parameters
+        ----------
+        is_target
+            (R,) 1 for a target row, 0 for a background row.
+        n_samples
+            Particles S.
+        library_size
+            (R,) or scalar ℓ.
+        transform
+            ``"perturbseq"`` (mean of ``log2(1e4 x / Σ_g x + 1)``), ``"counts"`` or ``"rho"``.
+        chunk_size
+            Particles per vectorised chunk.
+
+        Returns
+        -------
+        (R, G) tensor.
+        """
+        R = is_target.shape[0]
+        g = is_target.reshape(-1, 1).to(torch.float32)
+        total = torch.zeros(R, self.n_genes, dtype=torch.float64, device=is_target.device)
+        library = library_size.reshape(-1, 1) if library_size.dim() else library_size
+        done = 0
+        while done < n_samples:
+            c = min(chunk_size, n_samples - done)
+            # shared latent z ~ N(0, I) per particle and row
+            z = torch.randn(c, R, self.n_background_latent, device=is_target.device)
+            # salient latent t ~ N(0, I) for target rows, 0 for background rows
+            t = torch.randn(c, R, self.n_salient_latent, device=is_target.device) * g
+            rho = self.decoder(z, t)
+            if transform == "rho":
+                total += rho.sum(0, dtype=torch.float64)
+            else:
+                mu = library * rho
+                x = torch.poisson(mu) if self.likelihood == "poisson" else nb_sample(mu, self.decoder.theta)
+                if transform == "perturbseq":
+                    x = perturbseq_transform(x)
+                total += x.sum(0, dtype=torch.float64)
+            done += c
+        return (total / n_samples).to(torch.float32)
