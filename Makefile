@@ -9,7 +9,7 @@ STAMP := $(VENV)/.cellpert-installed
 DEMO_DIR ?= demo_out
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install test test-slow lint demo clean bench-norman bench-sparse-shift data-norman data-replogle data-replogle-gwps data-kang
+.PHONY: help install test test-slow lint demo clean bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang
 RAW_DIR ?= data/raw
 
 help:
@@ -17,7 +17,8 @@ help:
 	@echo "make test       ruff + the default test suite (installs first)"
 	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
 	@echo "make install    create .venv and install cellpert with the tested versions"
-	@echo "make bench-norman / bench-sparse-shift   the papers' benchmarks (long; BENCH_ARGS=--quick)"
+	@echo "make bench-norman / bench-sparse-shift / bench-comparative / bench-kang"
+	@echo "                the papers' benchmarks (long; BENCH_ARGS=--quick for a smoke run)"
 	@echo "make data-norman / data-replogle / data-kang   fetch a public screen (needs internet)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -54,6 +55,10 @@ bench-norman: $(STAMP)
 	$(BIN)/python benchmarks/norman_combinations.py --steps 2000 $(BENCH_ARGS)
 bench-sparse-shift: $(STAMP)
 	$(BIN)/python benchmarks/sparse_shift_benchmark.py $(BENCH_ARGS)
+bench-comparative: $(STAMP)
+	$(BIN)/python benchmarks/comparative_benchmark.py $(BENCH_ARGS)
+bench-kang: $(STAMP)
+	$(BIN)/python benchmarks/kang_comparative.py --data $(SHARED_DATA)/kang2018_pbmc_ifnb_subset.h5ad $(BENCH_ARGS)
 
 # Public screens (need internet; see data_recipes/README.md)
 data-norman: $(STAMP)

@@ -23,7 +23,11 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)],
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", help="samsvae, cpa-vae or conditional-vae (or from --config)."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="samsvae, cpa-vae, conditional-vae, svae, svae-plus or comparative (or from --config).",
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -55,6 +59,32 @@ def train(
         str | None, typer.Option("--heldout", help="heldout split: comma-separated labels to hold out.")
     ] = None,
     n_latent: Annotated[int | None, typer.Option("--n-latent", help="Latent dimensions K.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option("--mode", help="comparative: standard, multi-objective or constrained fitting."),
+    ] = None,
+    background_key: Annotated[
+        str | None,
+        typer.Option("--background-key", help="comparative: obs column marking background cells (default: the perturbation column)."),
+    ] = None,
+    background: Annotated[
+        str | None,
+        typer.Option("--background", help="comparative: value(s) of --background-key for background cells, comma-separated (default: the control label)."),
+    ] = None,
+    n_background_latent: Annotated[
+        int | None, typer.Option("--n-background-latent", help="comparative: dimensions of the shared latent z.")
+    ] = None,
+    n_salient_latent: Annotated[
+        int | None, typer.Option("--n-salient-latent", help="comparative: dimensions of the salient latent t.")
+    ] = None,
+    penalty_weight: Annotated[
+        float | None,
+        typer.Option("--penalty-weight", help="comparative: Wasserstein penalty weight (constrained: initial multiplier)."),
+    ] = None,
+    constraint_level: Annotated[
+        float | None,
+        typer.Option("--constraint-level", help="comparative, constrained: allowed fraction of the salient prior's energy in background cells, e.g. 0.05."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Training steps.")] = None,
     max_epochs: Annotated[int | None, typer.Option("--max-epochs", help="Training epochs (if no --max-steps).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Minibatch size.")] = None,
@@ -74,6 +104,8 @@ def train(
         cellpert train norman.h5ad -m cpa-vae -o run_cpa --subset 'dataset == "norman19"' --split random --split-seed 0
 
         cellpert train screen.h5ad --config samsvae.yaml --lr 1e-3
+
+        cellpert train kang.h5ad -m comparative -o run_cmp -p condition --background control --mode constrained
     """
     from cellpert.models._workflow import train_run
 
@@ -94,6 +126,13 @@ def train(
         "fraction": fraction,
         "heldout": heldout,
         "n_latent": n_latent,
+        "mode": mode,
+        "background_key": background_key,
+        "background": background,
+        "n_background_latent": n_background_latent,
+        "n_salient_latent": n_salient_latent,
+        "penalty_weight": penalty_weight,
+        "constraint_level": constraint_level,
         "max_steps": max_steps,
         "max_epochs": max_epochs,
         "batch_size": batch_size,
@@ -106,6 +145,7 @@ def train(
         screen_path, out_dir=out, config_file=config, overwrite=overwrite, progress_bar=not quiet, **options
     )
     history = run.model.history
-    last = {name: float(df.iloc[-1, 0]) for name, df in history.items() if len(df) and "loss" in name}
+    shown_keys = ("train_loss", "validation_loss")
+    last = {name: float(df.iloc[-1, 0]) for name, df in history.items() if len(df) and name in shown_keys}
     shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(last.items()))
     typer.echo(f"trained {run.config['model']} on {run.screen.n_cells:,} cells -> {run.directory} ({shown})")

@@ -116,7 +116,7 @@ def test_existing_run_is_not_overwritten(trained, screen_file):
 
 
 def test_model_options_are_routed(tmp_path):
-    data, model_kwargs, train_kwargs = resolve_run_config(
+    data, _, model_kwargs, train_kwargs = resolve_run_config(
         cli_options={"model": "cpa-vae", "n_latent": 3, "max_steps": 2, "seed": 4, "split": "random"}
     )
     assert data["split"] == "random"

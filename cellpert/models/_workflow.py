@@ -71,6 +71,11 @@ MODELS: dict[str, ModelEntry] = {
     "conditional-vae": ModelEntry(
         "conditional-vae", "cellpert.models.samsvae:ConditionalVAE", "conditional VAE baseline (MODELS.md §3)"
     ),
+    "comparative": ModelEntry(
+        "comparative",
+        "cellpert.models.comparative:ComparativeVAE",
+        "comparative VAE, background vs target (MODELS.md §5)",
+    ),
     "svae": ModelEntry("svae", "cellpert.models.svae:SVAE", "sVAE, expected-edge L1 sparsity (MODELS.md §4)"),
     "svae-plus": ModelEntry("svae-plus", "cellpert.models.svae:SVAEPlus", "sVAE+, Beta(1, K_beta) sparsity (MODELS.md §4)"),
 }
@@ -108,30 +113,41 @@ def _accepted(func) -> set[str]:
     return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self", "adata"}
 
 
+#: setup_anndata arguments the workflow sets itself.
+_WORKFLOW_SETUP_ARGS = {"layer", "split_key"}
+
+
+def _setup_args(cls: type) -> set[str]:
+    """``setup_anndata`` arguments a run may set (those not already data options)."""
+    return _accepted(cls.setup_anndata) - _WORKFLOW_SETUP_ARGS - set(DATA_OPTIONS) - {"cls"}
+
+
 def resolve_run_config(
     *, config_file: str | os.PathLike | None = None, cli_options: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Resolve a run's options into (data options, model kwargs, training kwargs).
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Resolve a run's options into (data options, setup kwargs, model kwargs, training kwargs).
 
-    Any argument of the model class's constructor or ``train`` method may be given in the
-    config file (e.g. ``mask_prior_prob: 0.1``); command-line options override the file.
+    Any argument of the model class's ``setup_anndata`` (e.g. ``background`` of the
+    comparative model), constructor or ``train`` method may be given in the config file
+    (e.g. ``mask_prior_prob: 0.1``); command-line options override the file.
     """
     file_options = read_config_file(config_file) if config_file else {}
     cli_options = {k: v for k, v in (cli_options or {}).items() if v is not None}
     name = cli_options.get("model", file_options.get("model"))
     entry = _entry(name)
     cls = entry.load_class()
-    init_args, train_args = _accepted(cls.__init__), _accepted(cls.train)
-    known = set(DATA_OPTIONS) | init_args | train_args
+    init_args, train_args, setup_args = _accepted(cls.__init__), _accepted(cls.train), _setup_args(cls)
+    known = set(DATA_OPTIONS) | init_args | train_args | setup_args
     unknown = sorted(set(cli_options) - known)
     if unknown:
         raise CellpertInputError(f"--model {name} does not take option(s) {', '.join(unknown)}.")
     merged = resolve_options(DATA_OPTIONS, file_options=file_options, cli_options=cli_options, known=known)
     data = {k: merged[k] for k in DATA_OPTIONS}
+    setup_kwargs = {k: v for k, v in merged.items() if k in setup_args and v is not None}
     model_kwargs = {k: v for k, v in merged.items() if k in init_args}
     model_kwargs.update(entry.fixed)
     train_kwargs = {k: v for k, v in merged.items() if k in train_args and k not in DATA_OPTIONS}
-    return data, model_kwargs, train_kwargs
+    return data, setup_kwargs, model_kwargs, train_kwargs
 
 
 def _load_screen(path: str | os.PathLike | ad.AnnData, data: dict[str, Any]) -> PerturbationScreen:
@@ -218,7 +234,7 @@ def train_run(
         ``model`` (required), data options (:data:`DATA_OPTIONS`), and any argument of
         the model class's constructor or ``train`` method.
     """
-    data, model_kwargs, train_kwargs = resolve_run_config(config_file=config_file, cli_options=options)
+    data, setup_kwargs, model_kwargs, train_kwargs = resolve_run_config(config_file=config_file, cli_options=options)
     out = Path(out_dir)
     if (out / "model").exists() and not overwrite:
         raise CellpertInputError(f"{out} already holds a model; choose another --out or pass --overwrite.")
@@ -228,7 +244,8 @@ def train_run(
     screen = _load_screen(screen_path, data)
     split_key = _apply_split(screen, data)
     adata = prepare_anndata(screen, split_key=split_key)
-    cls.setup_anndata(adata, layer=screen.layer, split_key=split_key)
+    setup_kwargs = _complete_setup(setup_kwargs, screen)
+    cls.setup_anndata(adata, layer=screen.layer, split_key=split_key, **setup_kwargs)
     model = cls(adata, **model_kwargs)
     train_kwargs.setdefault("enable_progress_bar", progress_bar)
     logger.info("training %s on %d cells x %d genes", entry.name, screen.n_cells, screen.n_genes)
@@ -241,6 +258,7 @@ def train_run(
         "screen": str(Path(screen_path).resolve()),
         **data,
         "split_key": split_key,
+        "setup_kwargs": setup_kwargs,
         "model_kwargs": model_kwargs,
         "train_kwargs": {k: v for k, v in train_kwargs.items() if k != "enable_progress_bar"},
         "n_cells": screen.n_cells,
@@ -255,6 +273,19 @@ def train_run(
     (out / "genes.txt").write_text("\n".join(map(str, screen.gene_names)) + "\n")
     (out / "perturbations.txt").write_text("\n".join(screen.perturbation_names) + "\n")
     return TrainedRun(model=model, screen=screen, directory=out, config=config)
+
+
+def _complete_setup(setup_kwargs: dict[str, Any], screen: PerturbationScreen) -> dict[str, Any]:
+    """Background values without a column refer to the screen's perturbation labels, and a
+    background column equal to the perturbation column defaults to the control labels."""
+    out = dict(setup_kwargs)
+    if out.get("background") is not None and not out.get("background_key"):
+        out["background_key"] = screen.perturbation_key
+    if out.get("background_key") and out.get("background") is None and out["background_key"] == screen.perturbation_key:
+        out["background"] = list(screen.control_labels)
+    if isinstance(out.get("background"), str):
+        out["background"] = [b.strip() for b in out["background"].split(",") if b.strip()]
+    return out
 
 
 def _quiet_libraries() -> None:

@@ -5,7 +5,8 @@
 - :class:`GaussianHead`: Normal heads with variance ``exp(·) + 1e-4``;
 - :class:`NBDecoder`, :func:`nb_log_prob`, :func:`nb_sample`: the negative-binomial
   likelihood ``GammaPoisson(θ, θ/μ)`` with per-gene θ = exp(param) (init 1) and observed
-  library size; :func:`poisson_log_prob`; :func:`perturbseq_transform` (the ATE space);
+  library size; :func:`nb_log_prob_log_mean` / :func:`poisson_log_prob_log_mean`
+  (stable forms from log μ); :func:`perturbseq_transform` (the ATE space);
 - :func:`sample_straight_through_bernoulli`, :func:`bernoulli_log_prob`: hard masks with
   relaxed gradients and exact Bernoulli log-probabilities.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 from cellpert.models._components._likelihood import (
     NBDecoder,
     nb_log_prob,
+    nb_log_prob_log_mean,
     nb_sample,
     perturbseq_transform,
-    poisson_log_prob,
+    poisson_log_prob_log_mean,
 )
 from cellpert.models._components._masks import bernoulli_log_prob, sample_straight_through_bernoulli
 from cellpert.models._components._nn import GaussianHead, MultiInputLinear, ResidualMLP
@@ -29,8 +31,9 @@ __all__ = [
     "ResidualMLP",
     "bernoulli_log_prob",
     "nb_log_prob",
+    "nb_log_prob_log_mean",
     "nb_sample",
     "perturbseq_transform",
-    "poisson_log_prob",
+    "poisson_log_prob_log_mean",
     "sample_straight_through_bernoulli",
 ]

@@ -10,7 +10,14 @@ from torch import nn
 
 from cellpert.models._components._nn import ResidualMLP
 
-__all__ = ["NBDecoder", "nb_log_prob", "nb_sample", "perturbseq_transform", "poisson_log_prob"]
+__all__ = [
+    "NBDecoder",
+    "nb_log_prob",
+    "nb_log_prob_log_mean",
+    "nb_sample",
+    "perturbseq_transform",
+    "poisson_log_prob_log_mean",
+]
 
 
 def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -19,6 +26,30 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch
     Pyro's ``GammaPoisson(θ, θ/μ)`` is exactly this NB. Summed over the last (gene) axis.
     """
     return GammaPoisson(theta, theta / mu, validate_args=False).log_prob(x).sum(-1)
+
+
+def nb_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """:func:`nb_log_prob` from ``log μ`` (summed over genes), stable when μ underflows.
+
+    ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + θ log(θ/(θ+μ)) + x log(μ/(θ+μ))`` with both
+    logarithms through ``logaddexp(log θ, log μ)``: a gene whose softmax weight is 0 in
+    float32 gives finite values and gradients (``GammaPoisson(θ, θ/μ)`` gives NaN gradients).
+    """
+    theta = torch.exp(log_theta)
+    log_denominator = torch.logaddexp(log_theta, log_mu)
+    value = (
+        torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+        + theta * (log_theta - log_denominator)
+        + x * (log_mu - log_denominator)
+    )
+    return value.sum(-1)
+
+
+def poisson_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
+    """Log-probability of counts under Poisson(exp(``log_mu``)), summed over genes."""
+    return (x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1.0)).sum(-1)
 
 
 def nb_sample(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -54,10 +85,9 @@ class NBDecoder(nn.Module):
         """Normalised expression ρ (softmax over genes)."""
         return torch.softmax(self.out(self.body(*inputs)), dim=-1)
 
-
-def poisson_log_prob(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Log-probability of counts under Poisson(``mu``), summed over the last (gene) axis."""
-    return (torch.xlogy(x, mu) - mu - torch.lgamma(x + 1.0)).sum(-1)
+    def log_rho(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """``log ρ`` (log-softmax over genes), for :func:`nb_log_prob_log_mean`."""
+        return torch.log_softmax(self.out(self.body(*inputs)), dim=-1)
 
 
 def perturbseq_transform(x: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,10 @@ from cellpert.models._components import (
     GaussianHead,
     NBDecoder,
     ResidualMLP,
-    nb_log_prob,
+    nb_log_prob_log_mean,
     nb_sample,
     perturbseq_transform,
-    poisson_log_prob,
+    poisson_log_prob_log_mean,
 )
 
 __all__ = ["IS_TARGET_KEY", "LIBRARY_KEY", "ComparativeVAEModule", "gaussian_kl", "mmd", "wasserstein_to_zero"]
@@ -49,6 +49,8 @@ IS_TARGET_KEY = "is_target"
 LIBRARY_KEY = "library_size"
 
 Likelihood = Literal["nb", "poisson"]
+#: Encoder inputs (standardised log1p counts) are clipped to ±INPUT_CLIP.
+INPUT_CLIP = 10.0
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -141,7 +143,9 @@ class ComparativeVAEModule(BaseModuleClass):
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Posterior parameters of q(z | x) and q(t | x)."""
-        h = (torch.log1p(x) - self.gene_mean) / self.gene_std
+        # standardised log1p(x), clipped as scanpy's scale(max_value=10): a gene seen in a
+        # handful of cells would otherwise give inputs of 40+ and blow up the encoder
+        h = ((torch.log1p(x) - self.gene_mean) / self.gene_std).clamp(-INPUT_CLIP, INPUT_CLIP)
         qz_loc, qz_scale = self.z_head(self.z_encoder(h))
         qt_loc, qt_scale = self.t_head(self.t_encoder(h))
         return {"qz_loc": qz_loc, "qz_scale": qz_scale, "qt_loc": qt_loc, "qt_scale": qt_scale}
@@ -160,15 +164,14 @@ class ComparativeVAEModule(BaseModuleClass):
 
     @auto_move_data
     def generative(self, z: torch.Tensor, t: torch.Tensor, library_size: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mean counts ``ℓ ρ(z, t)``."""
-        rho = self.decoder(z, t)
-        return {"rho": rho, "mu": library_size.reshape(-1, 1) * rho}
+        """Log mean counts ``log ℓ + log ρ(z, t)``."""
+        return {"log_mu": torch.log(library_size.reshape(-1, 1).clamp(min=1.0)) + self.decoder.log_rho(z, t)}
 
-    def log_likelihood(self, x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        """log p(x | mean ``mu``) per cell."""
+    def log_likelihood(self, x: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
+        """log p(x | mean ``exp(log_mu)``) per cell (computed in log space)."""
         if self.likelihood == "poisson":
-            return poisson_log_prob(x, mu)
-        return nb_log_prob(x, mu, self.decoder.theta)
+            return poisson_log_prob_log_mean(x, log_mu)
+        return nb_log_prob_log_mean(x, log_mu, self.decoder.log_theta)
 
     def loss(
         self,
@@ -193,9 +196,9 @@ class ComparativeVAEModule(BaseModuleClass):
         the background cells, the constrained quantity) and ``mmd``.
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
-        is_target = inference_outputs["t"].new_tensor(tensors[IS_TARGET_KEY].reshape(-1))
+        is_target = tensors[IS_TARGET_KEY].reshape(-1).to(inference_outputs["t"].dtype)
         is_background = 1.0 - is_target
-        rec = -self.log_likelihood(x, generative_outputs["mu"])
+        rec = -self.log_likelihood(x, generative_outputs["log_mu"])
         kl_z = gaussian_kl(inference_outputs["qz_loc"], inference_outputs["qz_scale"])
         kl_t = gaussian_kl(inference_outputs["qt_loc"], inference_outputs["qt_scale"]) * is_target
         per_cell = rec + kl_weight * (kl_z + kl_t)
@@ -241,8 +244,7 @@ class ComparativeVAEModule(BaseModuleClass):
         eps_t = torch.randn((n_samples,) + out["qt_loc"].shape, device=x.device)
         z = out["qz_loc"] + out["qz_scale"] * eps_z
         t = (out["qt_loc"] + out["qt_scale"] * eps_t) * g.reshape(-1, 1)
-        mu = library_size.reshape(-1, 1) * self.decoder(z, t)
-        log_px = self.log_likelihood(x, mu)
+        log_px = self.log_likelihood(x, torch.log(library_size.reshape(-1, 1).clamp(min=1.0)) + self.decoder.log_rho(z, t))
         # log p(z) − log q(z | x) per sample (the 2π terms cancel)
         log_ratio = (-0.5 * z**2 + 0.5 * eps_z**2 + torch.log(out["qz_scale"])).sum(-1)
         log_ratio = log_ratio + g * (-0.5 * t**2 + 0.5 * eps_t**2 + torch.log(out["qt_scale"])).sum(-1)
