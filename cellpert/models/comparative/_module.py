@@ -19,7 +19,8 @@ The regularisers act on background cells' salient posteriors and are NOT scaled 
   minibatch (Gaussian kernels), pushing z to mix the two conditions.
 
 :meth:`ComparativeVAEModule.loss` returns the combined objective and, for the
-multi-objective mode, the background and target objectives separately.
+multi-objective mode, the background and target negative ELBOs and the regulariser
+separately.
 """
 
 from __future__ import annotations
@@ -190,10 +191,11 @@ class ComparativeVAEModule(BaseModuleClass):
         Minibatches hold background and target cells in proportion to the data sets, so
         the mean over cells estimates the per-cell negative ELBO of the whole data.
 
-        ``extra_metrics`` holds ``loss_background`` (mean over background cells of the
-        per-cell term, plus the regularisers) and ``loss_target`` (mean over target cells),
-        the two objectives of the multi-objective mode, and ``wasserstein`` (mean W over
-        the background cells, the constrained quantity) and ``mmd``.
+        ``extra_metrics`` holds ``loss_background`` and ``loss_target`` (the mean per-cell
+        negative ELBO over the minibatch's background, resp. target, cells: the two
+        objectives of the multi-objective mode), ``regulariser`` (the weighted penalties),
+        ``wasserstein`` (mean W over the background cells, the constrained quantity) and
+        ``mmd``.
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         is_target = tensors[IS_TARGET_KEY].reshape(-1).to(inference_outputs["t"].dtype)
@@ -211,7 +213,7 @@ class ComparativeVAEModule(BaseModuleClass):
         )
         regulariser = penalty_weight * wasserstein + mmd_weight * discrepancy
         loss = per_cell.mean() + regulariser
-        loss_background = (per_cell * is_background).sum() / n_bg.clamp(min=1.0) + regulariser
+        loss_background = (per_cell * is_background).sum() / n_bg.clamp(min=1.0)
         loss_target = (per_cell * is_target).sum() / n_tg.clamp(min=1.0)
         return LossOutput(
             loss=loss,
@@ -220,6 +222,7 @@ class ComparativeVAEModule(BaseModuleClass):
             extra_metrics={
                 "loss_background": loss_background,
                 "loss_target": loss_target,
+                "regulariser": regulariser,
                 "wasserstein": wasserstein,
                 "mmd": discrepancy,
             },

@@ -2,10 +2,13 @@
 
 - ``standard``: minimise the combined loss, ``−ELBO`` per cell plus a fixed weight times the
   background cells' mean Wasserstein penalty (scvi-tools' automatic optimisation).
-- ``multi-objective``: per step, the gradients ``g_b`` of the background objective (its
-  cells' negative ELBO plus the regularisers) and ``g_t`` of the target objective; the
-  update follows the two-task min-norm (MGDA) direction ``α* g_b + (1 − α*) g_t`` with
-  ``α* = clip(((g_t − g_b) · g_t) / ‖g_b − g_t‖², 0, 1)`` (:func:`min_norm_coefficient`).
+- ``multi-objective``: per step, the gradients ``g_b`` and ``g_t`` of the background and
+  target objectives (each set's mean per-cell negative ELBO); the update follows the
+  two-task min-norm (MGDA) direction ``α* g_b + (1 − α*) g_t`` with
+  ``α* = clip(((g_t − g_b) · g_t) / ‖g_b − g_t‖², 0, 1)`` (:func:`min_norm_coefficient`),
+  plus the gradient of the weighted regularisers, which is not part of either objective:
+  inside ``g_b`` a large penalty weight would dominate the min-norm direction and leave
+  the background ELBO unoptimised (α* → 0; measured in benchmarks/RESULTS_comparative.md).
   Implemented with Lightning's manual optimisation; the optimiser (Adam) steps on that
   direction.
 - ``constrained``: minimise ``−ELBO`` subject to ``W ≤ ε`` through the Lagrangian
@@ -132,15 +135,19 @@ class ComparativeTrainingPlan(TrainingPlan):
         _, _, scvi_loss = self.forward(batch, loss_kwargs=self.loss_kwargs)
         params = [p for p in self.module.parameters() if p.requires_grad]
         grads = []
-        for name in ("loss_background", "loss_target"):
-            g = torch.autograd.grad(scvi_loss.extra_metrics[name], params, retain_graph=True, allow_unused=True)
+        for name in ("loss_background", "loss_target", "regulariser"):
+            value = scvi_loss.extra_metrics[name]
+            if not value.requires_grad:  # no regulariser (weights 0)
+                grads.append(torch.zeros_like(grads[0]))
+                continue
+            g = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
             flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(g, params, strict=True)])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(flat)
                 flat /= torch.distributed.get_world_size()
             grads.append(flat)
         alpha = min_norm_coefficient(grads[0], grads[1])
-        direction = alpha * grads[0] + (1.0 - alpha) * grads[1]
+        direction = alpha * grads[0] + (1.0 - alpha) * grads[1] + grads[2]
         optimizer.zero_grad()
         offset = 0
         for p in params:
