@@ -271,3 +271,15 @@ def test_cli_background_value_errors_are_one_line(tmp_path, simulated, capsys):
     assert code == EXIT_INPUT_ERROR
     err = capsys.readouterr().err
     assert "error: background value(s) ['ctrl'] do not occur" in err and "Traceback" not in err
+
+
+def test_poisson_likelihood_trains_and_predicts(simulated):
+    model = ComparativeVAE(_setup(simulated), n_background_latent=3, n_salient_latent=2, n_hidden=32, likelihood="poisson")
+    theta_before = model.module.decoder.log_theta.detach().clone()
+    model.train(max_epochs=2, enable_progress_bar=False)
+    assert np.isfinite(model.get_iwelbo(split="test", n_samples=10))
+    assert torch.equal(model.module.decoder.log_theta, theta_before)  # no dispersion under Poisson
+    counts = model.get_predictive_means(np.array([[0.0], [1.0]]), n_samples=20, transform="counts")
+    assert counts.shape == (2, simulated.n_vars) and np.all(counts >= 0)
+    with pytest.raises(CellpertInputError, match="likelihood"):
+        ComparativeVAE(_setup(simulated), likelihood="zinb")
