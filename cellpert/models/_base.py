@@ -136,6 +136,12 @@ class DosageLabelsMixin:
                 rows[i, col[part]] += 1.0
         return rows
 
+    def _predictive_chunk_size(self, n_rows: int, n_samples: int, chunk_size: int | None) -> int:
+        """``chunk_size``, else the particles per chunk keeping particles × rows × genes near 2e7 floats."""
+        if chunk_size is not None:
+            return int(chunk_size)
+        return int(max(1, min(n_samples, 2e7 // max(n_rows * self.summary_stats.n_vars, 1))))
+
     def _dosage_rows(self, dosage: Any) -> np.ndarray:
         """A dense (R, T) float32 array from an array, tensor, sparse matrix or DataFrame."""
         if isinstance(dosage, pd.DataFrame):

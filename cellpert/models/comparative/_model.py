@@ -514,8 +514,7 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         rows = self._dosage_rows(dosage)
         is_target = torch.as_tensor((np.abs(rows).sum(1) > 0).astype(np.float32), device=self.device)
         lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
-        if chunk_size is None:
-            chunk_size = int(max(1, min(n_samples, 2e7 // max(rows.shape[0] * self.summary_stats.n_vars, 1))))
+        chunk_size = self._predictive_chunk_size(rows.shape[0], n_samples, chunk_size)
         with seeded(seed):
             out = self.module.predictive_means(is_target, n_samples, lib, transform=transform, chunk_size=chunk_size)
         return out.cpu().numpy()

@@ -495,8 +495,7 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         self.module.eval()
         d = torch.as_tensor(self._dosage_rows(dosage), device=self.device)
         lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
-        if chunk_size is None:
-            chunk_size = int(max(1, min(n_samples, 2e7 // max(d.shape[0] * self.summary_stats.n_vars, 1))))
+        chunk_size = self._predictive_chunk_size(d.shape[0], n_samples, chunk_size)
         with self._seeded(seed):
             out = self.module.predictive_means(d, n_samples, lib, transform=transform, chunk_size=chunk_size)
         return out.cpu().numpy()
