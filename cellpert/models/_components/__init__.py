@@ -6,7 +6,7 @@
 - :class:`NBDecoder`, :func:`nb_log_prob`, :func:`nb_sample`: the negative-binomial
   likelihood ``GammaPoisson(θ, θ/μ)`` with per-gene θ = exp(param) (init 1) and observed
   library size; :func:`nb_log_prob_log_mean` / :func:`poisson_log_prob_log_mean`
-  (stable forms from log μ); :func:`perturbseq_transform` (the ATE space);
+  (stable forms from log μ); :func:`chunked_predictive_mean` (predictive particles); :func:`perturbseq_transform` (the ATE space);
 - :func:`sample_straight_through_bernoulli`, :func:`bernoulli_log_prob`: hard masks with
   relaxed gradients and exact Bernoulli log-probabilities.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from cellpert.models._components._likelihood import (
     NBDecoder,
+    chunked_predictive_mean,
     nb_log_prob,
     nb_log_prob_log_mean,
     nb_sample,
@@ -28,6 +29,7 @@ __all__ = [
     "GaussianHead",
     "MultiInputLinear",
     "NBDecoder",
+    "chunked_predictive_mean",
     "ResidualMLP",
     "bernoulli_log_prob",
     "nb_log_prob",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pyro.distributions import GammaPoisson
@@ -12,6 +12,7 @@ from cellpert.models._components._nn import ResidualMLP
 
 __all__ = [
     "NBDecoder",
+    "chunked_predictive_mean",
     "nb_log_prob",
     "nb_log_prob_log_mean",
     "nb_sample",
@@ -93,3 +94,55 @@ class NBDecoder(nn.Module):
 def perturbseq_transform(x: torch.Tensor) -> torch.Tensor:
     """MODELS.md §6's ATE space, ``log2(1e4 x / Σ_g x + 1)`` per row (empty rows stay 0)."""
     return torch.log2(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0) + 1.0)
+
+
+def chunked_predictive_mean(
+    draw_rho: Callable[[int], torch.Tensor],
+    sample_counts: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    n_rows: int,
+    n_genes: int,
+    n_samples: int,
+    library_size: torch.Tensor,
+    transform: str = "perturbseq",
+    chunk_size: int = 50,
+) -> torch.Tensor:
+    """Mean over ``n_samples`` predictive particles, drawn ``chunk_size`` at a time.
+
+    Parameters
+    ----------
+    draw_rho
+        ``draw_rho(c)`` -> (c, R, G) normalised expression of ``c`` fresh particles.
+    sample_counts
+        Counts from a mean ``ℓ ρ`` (e.g. :func:`nb_sample` with the model's θ).
+    n_rows, n_genes
+        R and G.
+    n_samples
+        Particles.
+    library_size
+        (R,) or scalar ℓ.
+    transform
+        ``"perturbseq"``: mean of :func:`perturbseq_transform` of the counts; ``"counts"``:
+        mean of the counts; ``"rho"``: mean of ρ (no count noise).
+    chunk_size
+        Particles per vectorised chunk.
+
+    Returns
+    -------
+    (R, G) float32 tensor (accumulated in float64).
+    """
+    total = torch.zeros(n_rows, n_genes, dtype=torch.float64, device=library_size.device)
+    library = library_size.reshape(-1, 1) if library_size.dim() else library_size
+    done = 0
+    while done < n_samples:
+        c = min(chunk_size, n_samples - done)
+        rho = draw_rho(c)
+        if transform == "rho":
+            total += rho.sum(0, dtype=torch.float64)
+        else:
+            x = sample_counts(library * rho)
+            if transform == "perturbseq":
+                x = perturbseq_transform(x)
+            total += x.sum(0, dtype=torch.float64)
+        done += c
+    return (total / n_samples).to(torch.float32)

@@ -36,9 +36,9 @@ from cellpert.models._components import (
     GaussianHead,
     NBDecoder,
     ResidualMLP,
+    chunked_predictive_mean,
     nb_log_prob_log_mean,
     nb_sample,
-    perturbseq_transform,
     poisson_log_prob_log_mean,
 )
 
@@ -289,23 +289,24 @@ class ComparativeVAEModule(BaseModuleClass):
         """
         R = is_target.shape[0]
         g = is_target.reshape(-1, 1).to(torch.float32)
-        total = torch.zeros(R, self.n_genes, dtype=torch.float64, device=is_target.device)
-        library = library_size.reshape(-1, 1) if library_size.dim() else library_size
-        done = 0
-        while done < n_samples:
-            c = min(chunk_size, n_samples - done)
+
+        def draw_rho(c: int) -> torch.Tensor:
             # shared latent z ~ N(0, I) per particle and row
             z = torch.randn(c, R, self.n_background_latent, device=is_target.device)
             # salient latent t ~ N(0, I) for target rows, 0 for background rows
             t = torch.randn(c, R, self.n_salient_latent, device=is_target.device) * g
-            rho = self.decoder(z, t)
-            if transform == "rho":
-                total += rho.sum(0, dtype=torch.float64)
-            else:
-                mu = library * rho
-                x = torch.poisson(mu) if self.likelihood == "poisson" else nb_sample(mu, self.decoder.theta)
-                if transform == "perturbseq":
-                    x = perturbseq_transform(x)
-                total += x.sum(0, dtype=torch.float64)
-            done += c
-        return (total / n_samples).to(torch.float32)
+            return self.decoder(z, t)
+
+        def sample_counts(mu: torch.Tensor) -> torch.Tensor:
+            return torch.poisson(mu) if self.likelihood == "poisson" else nb_sample(mu, self.decoder.theta)
+
+        return chunked_predictive_mean(
+            draw_rho,
+            sample_counts,
+            n_rows=R,
+            n_genes=self.n_genes,
+            n_samples=n_samples,
+            library_size=library_size,
+            transform=transform,
+            chunk_size=chunk_size,
+        )

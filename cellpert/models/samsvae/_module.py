@@ -30,9 +30,9 @@ from cellpert.models._components import (
     NBDecoder,
     ResidualMLP,
     bernoulli_log_prob,
+    chunked_predictive_mean,
     nb_log_prob,
     nb_sample,
-    perturbseq_transform,
     sample_straight_through_bernoulli,
 )
 
@@ -481,22 +481,21 @@ class PerturbationVAEModule(BaseModuleClass):
         (R, G) tensor.
         """
         R = dosage.shape[0]
-        total = torch.zeros(R, self.n_genes, dtype=torch.float64, device=dosage.device)
-        library = library_size.reshape(-1, 1) if library_size.dim() else library_size
-        done = 0
-        while done < n_samples:
-            c = min(chunk_size, n_samples - done)
+
+        def draw_rho(c: int) -> torch.Tensor:
             glob = self.sample_globals(c)
             # basal state z^b ~ N(0, I), independently for every particle and row
             zb = torch.randn(c, R, self.n_latent, device=dosage.device)
             z = zb if glob["effect"] is None else zb + torch.matmul(dosage, glob["effect"])
-            rho = self.decoder(z, dosage) if self.variant == "cvae" else self.decoder(z)
-            if transform == "rho":
-                total += rho.sum(0, dtype=torch.float64)
-            else:
-                x = nb_sample(library * rho, self.decoder.theta)
-                if transform == "perturbseq":
-                    x = perturbseq_transform(x)
-                total += x.sum(0, dtype=torch.float64)
-            done += c
-        return (total / n_samples).float()
+            return self.decoder(z, dosage) if self.variant == "cvae" else self.decoder(z)
+
+        return chunked_predictive_mean(
+            draw_rho,
+            lambda mu: nb_sample(mu, self.decoder.theta),
+            n_rows=R,
+            n_genes=self.n_genes,
+            n_samples=n_samples,
+            library_size=library_size,
+            transform=transform,
+            chunk_size=chunk_size,
+        )
