@@ -167,6 +167,24 @@ def test_loss_matches_hand_computation(variant, guide, options):
         assert torch.allclose(exact.sum(1), glob["log_ratio"][:, :2].sum(1))
 
 
+def test_encoder_offset_product_is_factored_exactly():
+    """W (D (E ⊙ M)) computed as D ((E ⊙ M) W^T) gives the encoder of the concatenated input."""
+    torch.manual_seed(0)
+    module = PerturbationVAEModule(5, 3, n_latent=4, n_hidden=8, guide_n_hidden=8, guide_n_layers=2, n_particles=2)
+    tensors = _tiny_batch()
+    x, dosage = tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY]
+    glob = module.sample_globals(2)
+    inf = module.inference(x, dosage, global_samples=glob)
+    offset = torch.matmul(dosage, glob["effect"])
+    concatenated = torch.cat([module.standardise(x).expand(2, -1, -1), offset], dim=-1)
+    weight = torch.cat([layer.weight for layer in module.encoder.first.layers], dim=1)
+    h = module.encoder.body(concatenated @ weight.T + module.encoder.first.layers[0].bias)
+    loc, scale = module.encoder_head(h)
+    assert torch.allclose(inf["qzb_loc"], loc, atol=1e-5)
+    assert torch.allclose(inf["qzb_scale"], scale, atol=1e-5)
+    assert torch.allclose(inf["offset"], offset)
+
+
 def test_mask_sampler_is_bernoulli_with_relaxed_gradient():
     from cellpert.models._components import bernoulli_log_prob, sample_straight_through_bernoulli
 

@@ -107,7 +107,7 @@ def test_loss_scaling_by_hand(sparsity):
     qm, qs, pm = rng.normal(size=(5, 3)), rng.uniform(0.3, 1.5, size=(5, 3)), rng.normal(size=(5, 3))
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     tensors = {REGISTRY_KEYS.X_KEY: t(x)}
-    out = m.loss(tensors, {"qz_m": t(qm), "qz_s": t(qs)}, {"mu": t(mu), "theta": t(theta), "pz_m": t(pm)},
+    out = m.loss(tensors, {"qz_m": t(qm), "qz_s": t(qs)}, {"log_mu": t(np.log(mu)), "log_theta": t(np.log(theta)), "pz_m": t(pm)},
                  kl_weight=0.4, n_obs=1000)  # fmt: skip
     rec = -_nb_logpmf(x, mu, theta).sum(-1)
     kl = _kl_normal(qm, qs, pm)

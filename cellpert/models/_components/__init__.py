@@ -3,10 +3,11 @@
 - :class:`ResidualMLP` / :class:`MultiInputLinear`: the residual LeakyReLU body
   (no batch norm, no dropout) and a concatenation-free first layer;
 - :class:`GaussianHead`: Normal heads with variance ``exp(·) + 1e-4``;
-- :class:`NBDecoder`, :func:`nb_log_prob`, :func:`nb_sample`: the negative-binomial
+- :class:`NBDecoder`, :func:`nb_log_prob_log_mean`, :func:`nb_sample`: the negative-binomial
   likelihood ``GammaPoisson(θ, θ/μ)`` with per-gene θ = exp(param) (init 1) and observed
-  library size; :func:`nb_log_prob_log_mean` / :func:`poisson_log_prob_log_mean`
-  (stable forms from log μ); :func:`chunked_predictive_mean` (predictive particles); :func:`perturbseq_transform` (the ATE space);
+  library size (:func:`log_mean_counts`), computed from log μ, as is
+  :func:`poisson_log_prob_log_mean`; :func:`chunked_predictive_mean` (predictive
+  particles); :func:`perturbseq_transform` (the ATE space);
 - :func:`sample_straight_through_bernoulli`, :func:`bernoulli_log_prob`: hard masks with
   relaxed gradients and exact Bernoulli log-probabilities.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 from cellpert.models._components._likelihood import (
     NBDecoder,
     chunked_predictive_mean,
-    nb_log_prob,
+    log_mean_counts,
     nb_log_prob_log_mean,
     nb_sample,
     perturbseq_transform,
@@ -32,7 +33,7 @@ __all__ = [
     "chunked_predictive_mean",
     "ResidualMLP",
     "bernoulli_log_prob",
-    "nb_log_prob",
+    "log_mean_counts",
     "nb_log_prob_log_mean",
     "nb_sample",
     "perturbseq_transform",

@@ -13,7 +13,7 @@ from cellpert.models._components._nn import ResidualMLP
 __all__ = [
     "NBDecoder",
     "chunked_predictive_mean",
-    "nb_log_prob",
+    "log_mean_counts",
     "nb_log_prob_log_mean",
     "nb_sample",
     "perturbseq_transform",
@@ -21,31 +21,44 @@ __all__ = [
 ]
 
 
-def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Log-probability of counts under NB(mean ``mu``, inverse dispersion ``theta``).
-
-    Pyro's ``GammaPoisson(θ, θ/μ)`` is exactly this NB. Summed over the last (gene) axis.
-    """
-    return GammaPoisson(theta, theta / mu, validate_args=False).log_prob(x).sum(-1)
-
-
 def nb_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
-    """:func:`nb_log_prob` from ``log μ`` (summed over genes), stable when μ underflows.
+    """Log-probability of counts under NB(mean ``exp(log_mu)``, inverse dispersion θ), summed over genes.
 
-    ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + θ log(θ/(θ+μ)) + x log(μ/(θ+μ))`` with both
-    logarithms through ``logaddexp(log θ, log μ)``: a gene whose softmax weight is 0 in
-    float32 gives finite values and gradients (``GammaPoisson(θ, θ/μ)`` gives NaN gradients).
+    ``lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + θ log(θ/(θ+μ)) + x log(μ/(θ+μ))``, which is
+    Pyro's ``GammaPoisson(θ, θ/μ)``, computed from ``log μ`` with both logarithms through
+    ``logaddexp(log θ, log μ)``: a gene whose softmax weight is 0 in float32 gives finite
+    values and gradients (``GammaPoisson(θ, θ/μ)`` gives NaN gradients).
+
+    The terms that do not depend on μ are computed at the shape of ``x``, so when
+    ``log_mu`` carries extra leading sample dimensions (particles ``(P, B, G)`` against
+    counts ``(B, G)``) the ``lgamma`` calls are not repeated for every sample.
+
+    Parameters
+    ----------
+    x
+        Counts ``(..., B, G)``.
+    log_mu
+        Log means, broadcastable with ``x`` (e.g. ``(P, B, G)``).
+    log_theta
+        ``log θ`` per gene ``(G,)``.
+
+    Returns
+    -------
+    Log-probabilities of shape ``broadcast(x, log_mu).shape[:-1]``.
     """
     theta = torch.exp(log_theta)
     log_denominator = torch.logaddexp(log_theta, log_mu)
-    value = (
-        torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1.0)
-        + theta * (log_theta - log_denominator)
-        + x * (log_mu - log_denominator)
-    )
-    return value.sum(-1)
+    mean_part = (x * log_mu - (theta + x) * log_denominator).sum(-1) + (theta * log_theta).sum(-1)
+    count_part = (torch.lgamma(x + theta) - torch.lgamma(x + 1.0)).sum(-1) - torch.lgamma(theta).sum(-1)
+    return mean_part + count_part
+
+
+def log_mean_counts(library_size: torch.Tensor, log_rho: torch.Tensor) -> torch.Tensor:
+    """``log μ = log ℓ + log ρ`` with the observed library size ℓ ``(B, 1)`` or ``(B,)``.
+
+    An empty cell (ℓ = 0) is given ℓ = 1 so that its log-likelihood stays finite.
+    """
+    return torch.log(library_size.reshape(-1, 1).clamp(min=1.0)) + log_rho
 
 
 def poisson_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:

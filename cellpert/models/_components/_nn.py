@@ -79,7 +79,11 @@ class ResidualMLP(nn.Module):
         self.n_output = n_hidden
 
     def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
-        h = self.act(self.first(*inputs))
+        return self.body(self.first(*inputs))
+
+    def body(self, pre_activation: torch.Tensor) -> torch.Tensor:
+        """The network after its first linear layer, from that layer's output."""
+        h = self.act(pre_activation)
         for block in self.blocks:
             h = h + self.act(block(h))
         return h

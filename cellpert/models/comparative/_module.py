@@ -37,6 +37,7 @@ from cellpert.models._components import (
     NBDecoder,
     ResidualMLP,
     chunked_predictive_mean,
+    log_mean_counts,
     nb_log_prob_log_mean,
     nb_sample,
     poisson_log_prob_log_mean,
@@ -166,7 +167,7 @@ class ComparativeVAEModule(BaseModuleClass):
     @auto_move_data
     def generative(self, z: torch.Tensor, t: torch.Tensor, library_size: torch.Tensor) -> dict[str, torch.Tensor]:
         """Log mean counts ``log ℓ + log ρ(z, t)``."""
-        return {"log_mu": torch.log(library_size.reshape(-1, 1).clamp(min=1.0)) + self.decoder.log_rho(z, t)}
+        return {"log_mu": log_mean_counts(library_size, self.decoder.log_rho(z, t))}
 
     def log_likelihood(self, x: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
         """log p(x | mean ``exp(log_mu)``) per cell (computed in log space)."""

@@ -31,7 +31,8 @@ from cellpert.models._components import (
     ResidualMLP,
     bernoulli_log_prob,
     chunked_predictive_mean,
-    nb_log_prob,
+    log_mean_counts,
+    nb_log_prob_log_mean,
     nb_sample,
     sample_straight_through_bernoulli,
 )
@@ -73,11 +74,7 @@ class _CorrelatedEmbeddingGuide(nn.Module):
 
     def forward(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``mask``: (..., T, K) -> loc, scale of shape (..., T, K)."""
-        first = self.mlp.first(mask) + self.onehot_weight
-        h = self.mlp.act(first)
-        for block in self.mlp.blocks:
-            h = h + self.mlp.act(block(h))
-        return self.head(h)
+        return self.head(self.mlp.body(self.mlp.first(mask) + self.onehot_weight))
 
 
 class PerturbationVAEModule(BaseModuleClass):
@@ -325,8 +322,14 @@ class PerturbationVAEModule(BaseModuleClass):
         else:
             # offset_i = Σ_t D_it (E_t ⊙ M_t): (P, B, K)
             offset = torch.matmul(dosage, effect)
-            side = {"offset": offset, "dosage": dosage, "none": None}[self.encoder_input]
-            h = self.encoder(x_std, side)
+            if self.encoder_input == "offset":
+                # the first layer's offset product W (D_i (E ⊙ M)) = D_i ((E ⊙ M) W^T): a
+                # (P, T, H) product instead of a (P, B, H) one over the minibatch
+                first = self.encoder.first
+                pre = first.layers[0](x_std) + torch.matmul(dosage, first.layers[1](effect))
+                h = self.encoder.body(pre)
+            else:
+                h = self.encoder(x_std, dosage if self.encoder_input == "dosage" else None)
             loc, scale = self.encoder_head(h)  # (P, B, K), or (B, K) without the offset input
             n_draws = effect.shape[0]
             if n_local_samples is not None:
@@ -351,12 +354,9 @@ class PerturbationVAEModule(BaseModuleClass):
     def generative(
         self, z: torch.Tensor, library: torch.Tensor, dosage: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Decoder: NB mean ``μ_i = ℓ_i softmax(W h(z_i) + b)`` and θ."""
-        if self.variant == "cvae":
-            rho = self.decoder(z, dosage)
-        else:
-            rho = self.decoder(z)
-        return {"mu": library * rho, "theta": self.decoder.theta}
+        """Decoder: log NB mean ``log μ_i = log ℓ_i + log softmax(W h(z_i) + b)`` and log θ."""
+        log_rho = self.decoder.log_rho(z, dosage) if self.variant == "cvae" else self.decoder.log_rho(z)
+        return {"log_mu": log_mean_counts(library, log_rho), "log_theta": self.decoder.log_theta}
 
     def cell_terms(
         self,
@@ -367,7 +367,7 @@ class PerturbationVAEModule(BaseModuleClass):
         """Per-sample, per-cell local terms: ``log p(x|z)``, ``log p(z^b)``, ``log q(z^b)``."""
         zb = inference_outputs["zb"]
         # counts x_ig ~ NB(ℓ_i ρ_ig, θ_g)
-        log_px = nb_log_prob(x, generative_outputs["mu"], generative_outputs["theta"])
+        log_px = nb_log_prob_log_mean(x, generative_outputs["log_mu"], generative_outputs["log_theta"])
         # basal prior z^b_i ~ N(0, I)
         log_pz = _normal_log_prob(zb, 0.0, 1.0).sum(-1)
         log_qz = _normal_log_prob(zb, inference_outputs["qzb_loc"], inference_outputs["qzb_scale"]).sum(-1)
@@ -441,7 +441,7 @@ class PerturbationVAEModule(BaseModuleClass):
         zb, z = inf["zb"], inf["z"]
         loc, scale = inf["qzb_loc"], inf["qzb_scale"]
         gen = self.generative(z, library, dosage)
-        log_px = nb_log_prob(x, gen["mu"], gen["theta"])
+        log_px = nb_log_prob_log_mean(x, gen["log_mu"], gen["log_theta"])
         log_pz = _normal_log_prob(zb, 0.0, 1.0).sum(-1)
         log_qz = _normal_log_prob(zb, loc, scale).sum(-1)
         return log_px + log_pz - log_qz

@@ -43,7 +43,11 @@ from scvi.nn import Encoder, FCLayers
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from cellpert.models._components import nb_log_prob, sample_straight_through_bernoulli
+from cellpert.models._components import (
+    log_mean_counts,
+    nb_log_prob_log_mean,
+    sample_straight_through_bernoulli,
+)
 
 __all__ = ["LABEL_KEY", "LIBRARY_KEY", "SVAEModule"]
 
@@ -240,11 +244,11 @@ class SVAEModule(BaseModuleClass):
     def generative(
         self, z: torch.Tensor, library: torch.Tensor, label: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Prior mean of z and the NB mean ``ℓ_i softmax(f(z_i))`` with θ."""
+        """Prior mean of z and the log NB mean ``log ℓ_i + log softmax(f(z_i))`` with log θ."""
         # latent prior z_i ~ N(m_i ⊙ μ_{a_i}, I) (N(0, I) for controls / the plain VAE)
         pz_m = self.prior_mean(label)
-        rho = torch.softmax(self.decoder_out(self.decoder_body(z)), dim=-1)
-        return {"mu": library * rho, "theta": self.theta, "pz_m": pz_m}
+        log_rho = torch.log_softmax(self.decoder_out(self.decoder_body(z)), dim=-1)
+        return {"log_mu": log_mean_counts(library, log_rho), "log_theta": self.log_theta, "pz_m": pz_m}
 
     # ------------------------------------------------------------------- loss
     def sparsity_penalty(self) -> torch.Tensor:
@@ -290,7 +294,7 @@ class SVAEModule(BaseModuleClass):
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         # counts x_ig ~ NB(ℓ_i ρ_ig, θ_g)
-        rec = -nb_log_prob(x, generative_outputs["mu"], generative_outputs["theta"])
+        rec = -nb_log_prob_log_mean(x, generative_outputs["log_mu"], generative_outputs["log_theta"])
         qz = Normal(inference_outputs["qz_m"], inference_outputs["qz_s"])
         pz = Normal(generative_outputs["pz_m"], torch.ones_like(generative_outputs["pz_m"]))
         kl = kl_divergence(qz, pz).sum(-1)
@@ -326,7 +330,7 @@ class SVAEModule(BaseModuleClass):
         """
         inf = self.inference(x, n_samples=n_samples)
         gen = self.generative(inf["z"], library, label)
-        log_px = nb_log_prob(x, gen["mu"], gen["theta"])
+        log_px = nb_log_prob_log_mean(x, gen["log_mu"], gen["log_theta"])
         qz = Normal(inf["qz_m"], inf["qz_s"])
         pz = Normal(gen["pz_m"], torch.ones_like(gen["pz_m"]))
         log_pz = pz.log_prob(inf["z"]).sum(-1)
