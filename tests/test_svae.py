@@ -228,6 +228,20 @@ def test_seeded_determinism(small_adata):
     assert not np.allclose(a, c)
 
 
+def test_epoch_logging_matches_scvi_per_step_logging(small_adata, monkeypatch):
+    """Metrics summed per epoch and logged once give scvi-tools' per-minibatch logged values."""
+    from scvi.train import TrainingPlan
+
+    ours = _train(SVAE, small_adata, seed=5, epochs=3, sparsity_weight=2.0).history
+    monkeypatch.setattr(SVAE, "_training_plan_cls", TrainingPlan)
+    stock = _train(SVAE, small_adata, seed=5, epochs=3, sparsity_weight=2.0).history
+    assert set(stock) <= set(ours)  # plus the epoch mean of the KL warm-up weight
+    for key in ("train_loss", "validation_loss", "elbo_train", "elbo_validation", "kl_local_train",
+                "sparsity_penalty_train", "mask_on_fraction_validation"):  # fmt: skip
+        assert len(ours[key]) == 3
+        np.testing.assert_allclose(ours[key].to_numpy(float), stock[key].to_numpy(float), rtol=1e-5)
+
+
 # ------------------------------------------------------------------ recovery
 def test_penalty_switches_edges_off_in_training(small_adata):
     """A strong penalty turns the masks of trained labels off; λ = 0 leaves them on."""

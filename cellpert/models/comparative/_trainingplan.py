@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from scvi.train import TrainingPlan
 
+from cellpert.models._trainingplan import EpochMetricsMixin
+
 __all__ = ["MODES", "ComparativeTrainingPlan", "Mode", "dual_ascent_step", "min_norm_coefficient"]
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ def dual_ascent_step(multiplier: float, value: float, level: float, lr: float) -
     return max(0.0, float(multiplier) + float(lr) * (float(value) - float(level)))
 
 
-class ComparativeTrainingPlan(TrainingPlan):
+class ComparativeTrainingPlan(EpochMetricsMixin, TrainingPlan):
     """:class:`~scvi.train.TrainingPlan` with the three fitting modes of the comparative VAE.
 
     Parameters
@@ -110,7 +112,7 @@ class ComparativeTrainingPlan(TrainingPlan):
         return float(self.loss_kwargs["penalty_weight"])
 
     def _log_scalar(self, name: str, value: float) -> None:
-        self.log(name, float(value), on_step=False, on_epoch=True, sync_dist=self.use_sync_dist)
+        self.log_epoch_mean(name, float(value), 1.0, "train")
 
     def training_step(self, batch, batch_idx):
         """One step of the chosen mode."""
@@ -159,6 +161,5 @@ class ComparativeTrainingPlan(TrainingPlan):
         optimizer.step()
         self.alpha_ = alpha
         self._log_scalar("mgda_alpha", alpha)
-        self.log("train_loss", scvi_loss.loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
-        self.compute_and_log_metrics(scvi_loss, self.train_metrics, "train")
+        self.record_loss(scvi_loss, "train")
         return None

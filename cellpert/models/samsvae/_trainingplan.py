@@ -1,7 +1,8 @@
 """Training plan and callbacks of the SAMS-VAE family.
 
 The optimisation is scvi-tools' :class:`~scvi.train.TrainingPlan` (Adam, weight decay,
-Lightning); two things differ and live here:
+Lightning) with metrics logged once per epoch (:class:`~cellpert.models._trainingplan.EpochMetricsMixin`);
+what differs lives here:
 
 - the validation loss scales each perturbation's global terms by ``1 / N_t`` with
   ``N_t`` counted on the validation split (the training loss uses the training split);
@@ -20,12 +21,14 @@ import lightning.pytorch as pl
 import torch
 from scvi.train import TrainingPlan
 
+from cellpert.models._trainingplan import EpochMetricsMixin
+
 __all__ = ["BestStateCallback", "PerturbationTrainingPlan", "TemperatureCallback"]
 
 logger = logging.getLogger(__name__)
 
 
-class PerturbationTrainingPlan(TrainingPlan):
+class PerturbationTrainingPlan(EpochMetricsMixin, TrainingPlan):
     """:class:`~scvi.train.TrainingPlan` whose validation loss uses validation ``N_t``.
 
     Parameters
@@ -59,15 +62,7 @@ class PerturbationTrainingPlan(TrainingPlan):
     def validation_step(self, batch, batch_idx):
         """Validation step: the loss with ``split="val"``."""
         _, _, scvi_loss = self.forward(batch, loss_kwargs={**self.loss_kwargs, "split": "val"})
-        self.log(
-            "validation_loss",
-            scvi_loss.loss,
-            on_step=self.on_step,
-            on_epoch=self.on_epoch,
-            sync_dist=self.use_sync_dist,
-            batch_size=scvi_loss.n_obs_minibatch,
-        )
-        self.compute_and_log_metrics(scvi_loss, self.val_metrics, "validation")
+        self.record_loss(scvi_loss, "validation")
 
 
 class BestStateCallback(pl.Callback):

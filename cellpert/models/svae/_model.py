@@ -22,7 +22,7 @@ from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, PerturbationScreen, detect
 from cellpert.models._base import LikelihoodMixin, SplitMixin, SplitName, resolve_epochs, seeded
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.svae._module import LABEL_KEY, LIBRARY_KEY, Prior, SVAEModule
-from cellpert.models.svae._trainingplan import WarmupAwareEarlyStopping
+from cellpert.models.svae._trainingplan import SVAETrainingPlan, WarmupAwareEarlyStopping
 
 __all__ = ["DEFAULT_LABEL_KEY", "SVAE", "SVAEPlus", "labels_from_dosage", "prepare_labels"]
 
@@ -149,6 +149,7 @@ class SVAE(LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClas
     """
 
     _module_cls = SVAEModule
+    _training_plan_cls = SVAETrainingPlan
     _sparsity: Literal["l1", "beta"] = "l1"
 
     def __init__(

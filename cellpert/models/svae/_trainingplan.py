@@ -1,6 +1,7 @@
 """Early stopping on the validation ELBO, counted from the end of the KL warm-up.
 
-scvi-tools' :class:`~scvi.train.TrainingPlan` is used as is (Adam, KL warm-up). During
+scvi-tools' :class:`~scvi.train.TrainingPlan` (Adam, KL warm-up) is used with metrics
+logged once per epoch (:class:`SVAETrainingPlan`). During
 the warm-up the objective changes every epoch, so the validation ELBO is not comparable
 across epochs: :class:`WarmupAwareEarlyStopping` only starts tracking the best state and
 counting patience once the warm-up is over, restores the best state at the end, and
@@ -15,10 +16,17 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from scvi.train import TrainingPlan
 
-__all__ = ["WarmupAwareEarlyStopping"]
+from cellpert.models._trainingplan import EpochMetricsMixin
+
+__all__ = ["SVAETrainingPlan", "WarmupAwareEarlyStopping"]
 
 logger = logging.getLogger(__name__)
+
+
+class SVAETrainingPlan(EpochMetricsMixin, TrainingPlan):
+    """scvi-tools' :class:`~scvi.train.TrainingPlan` with metrics logged once per epoch."""
 
 
 class WarmupAwareEarlyStopping(pl.Callback):
