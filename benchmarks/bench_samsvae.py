@@ -41,7 +41,12 @@ NORMAN = Path(os.environ.get("CELLPERT_SHARED_DATA", REPO.parent / "shared" / "d
     "norman2019_mcfaline2023_subset.h5ad"
 )
 NORMAN_SETTINGS = {"n_latent": 200, "n_hidden": 400, "n_layers": 1, "n_particles": 5}
-SAMS_SETTINGS = {"guide": "correlated", "guide_n_hidden": 400, "guide_n_layers": 4, "mask_prior_prob": 0.01}
+SAMS_SETTINGS = {
+    "guide": "correlated",
+    "guide_n_hidden": 400,
+    "guide_n_layers": 4,
+    "mask_prior_prob": 0.01,
+}
 
 logger = logging.getLogger("bench_samsvae")
 
@@ -79,7 +84,14 @@ def _model_class(name: str):
     return {"SAMSVAE": SAMSVAE, "CPAVAE": CPAVAE, "ConditionalVAE": ConditionalVAE}[name]
 
 
-def run_norman(model_name: str, steps: int, threads: int, extra: dict) -> dict:
+def run_norman(
+    model_name: str,
+    steps: int,
+    threads: int,
+    extra: dict,
+    train_extra: dict | None = None,
+    split_seed: int = 0,
+) -> dict:
     import torch
 
     from cellpert.data import load_screen, make_split
@@ -87,7 +99,7 @@ def run_norman(model_name: str, steps: int, threads: int, extra: dict) -> dict:
 
     torch.set_num_threads(threads)
     screen = load_screen(NORMAN, subset='dataset == "norman19"', warn=False)
-    make_split(screen, "random", seed=0)
+    make_split(screen, "random", seed=split_seed)
     adata = prepare_anndata(screen)
     cls = _model_class(model_name)
     cls.setup_anndata(adata, layer=screen.layer)
@@ -98,7 +110,8 @@ def run_norman(model_name: str, steps: int, threads: int, extra: dict) -> dict:
     model = cls(adata, **kwargs)
     timer = _timer_callback()
     t0 = time.perf_counter()
-    model.train(max_steps=steps, batch_size=512, lr=3e-4, weight_decay=1e-6, callbacks=[timer])
+    train_kwargs = {"batch_size": 512, "lr": 3e-4, "weight_decay": 1e-6, **(train_extra or {})}
+    model.train(max_steps=steps, callbacks=[timer], **train_kwargs)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     iwelbo = model.get_iwelbo(split="test", n_samples=100)
@@ -110,6 +123,8 @@ def run_norman(model_name: str, steps: int, threads: int, extra: dict) -> dict:
         "part": "norman",
         "model": model_name,
         "kwargs": kwargs,
+        "train_kwargs": train_kwargs,
+        "split_seed": split_seed,
         "steps": len(timer.steps),
         "median_step_s": float(np.median(step_times)),
         "steps_per_s_train_step": float(1 / np.median(step_times)),
@@ -152,7 +167,11 @@ def _simulate_large(n_cells: int, n_genes: int, n_perts: int, seed: int = 0):
         blocks.append(sp.csr_matrix(counts))
     X = sp.vstack(blocks).tocsr()
     obs = pd.DataFrame(
-        {"condition": np.where(labels >= 0, np.asarray(names, dtype=object)[np.maximum(labels, 0)], "control")},
+        {
+            "condition": np.where(
+                labels >= 0, np.asarray(names, dtype=object)[np.maximum(labels, 0)], "control"
+            )
+        },
         index=[f"c{i}" for i in range(n_cells)],
     )
     return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
@@ -176,7 +195,13 @@ def run_large(steps: int, threads: int, extra: dict) -> dict:
     kwargs = {**NORMAN_SETTINGS, **SAMS_SETTINGS, **extra}
     model = SAMSVAE(adata, **kwargs)
     timer = _timer_callback()
-    model.train(max_steps=steps, batch_size=512, check_val_every_n_epoch=10**6, restore_best=False, callbacks=[timer])
+    model.train(
+        max_steps=steps,
+        batch_size=512,
+        check_val_every_n_epoch=10**6,
+        restore_best=False,
+        callbacks=[timer],
+    )
     step_times = np.asarray(timer.steps[5:])
     return {
         "part": "large",
@@ -194,12 +219,22 @@ def run_large(steps: int, threads: int, extra: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--part", choices=["norman", "large"], default="norman")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="SAMSVAE,CPAVAE,ConditionalVAE")
     parser.add_argument("--model-kwargs", default="{}", help="JSON dict of extra model arguments")
+    parser.add_argument(
+        "--train-kwargs",
+        default="{}",
+        help="JSON dict of extra train() arguments, e.g. '{\"gradient_clip_val\": 100}'",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the random 64/16/20 split"
+    )
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -210,7 +245,14 @@ def main() -> None:
 
     if args.single is not None:  # child: one model, one JSON line on stdout
         if args.part == "norman":
-            res = run_norman(args.single, args.steps or 2000, args.threads, extra)
+            res = run_norman(
+                args.single,
+                args.steps or 2000,
+                args.threads,
+                extra,
+                json.loads(args.train_kwargs),
+                args.split_seed,
+            )
         else:
             res = run_large(args.steps or 60, args.threads, extra)
         sys.stdout.write(json.dumps(res) + "\n")
@@ -218,8 +260,18 @@ def main() -> None:
 
     models = args.models.split(",") if args.part == "norman" else ["SAMSVAE"]
     for name in models:
-        cmd = [sys.executable, __file__, "--part", args.part, "--threads", str(args.threads), "--single", name]
-        cmd += ["--model-kwargs", args.model_kwargs]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--part",
+            args.part,
+            "--threads",
+            str(args.threads),
+            "--single",
+            name,
+        ]
+        cmd += ["--model-kwargs", args.model_kwargs, "--train-kwargs", args.train_kwargs]
+        cmd += ["--split-seed", str(args.split_seed)]
         if args.steps:
             cmd += ["--steps", str(args.steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

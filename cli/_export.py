@@ -19,7 +19,11 @@ def export_latents(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Cells per batch.")] = None,
     ica: Annotated[
         bool,
-        typer.Option("--ica", help="Also write obsm['X_<model>_ica']: whitened latents rotated by FastICA."),
+        typer.Option(
+            "--ica",
+            help="Also write obsm['X_<model>_ica']: whitened latents rotated by FastICA "
+            "(SAMS-VAE, CPA-VAE: plus the perturbations' shifts and masks in that basis).",
+        ),
     ] = False,
 ) -> None:
     """Write latents (obsm) and perturbation embeddings / masks (uns) into the h5ad.
@@ -42,3 +46,7 @@ def export_latents(
     if "ica_mcc" in written:
         scores = written["ica_mcc"]
         typer.echo(f"MCC with the true latents: {scores['before']:.3f} before ICA, {scores['after']:.3f} after")
+    if "ica_mask_f1" in written:
+        f1 = written["ica_mask_f1"]
+        before = f"{f1['before']:.3f} for q(M), " if "before" in f1 else ""
+        typer.echo(f"mask F1 against the true masks: {before}{f1['after']:.3f} for the ICA masks")

@@ -74,6 +74,22 @@ def test_export_latents_writes_documented_keys(trained, screen_file, tmp_path, c
     assert "X_true_latent" in back.obsm
 
 
+def test_export_latents_ica_writes_masks_in_the_ica_basis(trained, screen_file, tmp_path, capsys):
+    out = tmp_path / "with_ica.h5ad"
+    assert run(["export-latents", str(screen_file), "--model", str(trained), "--out", str(out), "--ica"]) == 0
+    text = capsys.readouterr().out
+    assert "mask F1 against the true masks" in text and "for the ICA masks" in text
+    back = ad.read_h5ad(out)
+    entry = back.uns["cellpert"]["models"]["samsvae"]
+    shifts, masks = entry["ica_shifts"], entry["ica_masks"]
+    r = back.obsm["X_samsvae_ica"].shape[1]
+    assert shifts.shape == masks.shape == (6, r) and list(masks.index) == list(entry["embeddings"].index)
+    assert set(np.unique(masks.to_numpy())) <= {0.0, 1.0}
+    assert (masks.sum(axis=1) >= 1).all()  # each perturbation keeps its largest shift
+    assert set(entry["ica_mask_f1"]) == {"before", "after"}
+    assert 0.0 <= entry["ica_mask_f1"]["after"] <= 1.0
+
+
 def test_export_refuses_other_genes(trained, screen_file, tmp_path, capsys):
     other = ad.read_h5ad(screen_file)[:, :-1].copy()
     path = tmp_path / "other.h5ad"

@@ -43,10 +43,16 @@ class EpochMetricsMixin:
         stores = self.__dict__.setdefault("_epoch_sums", {})
         return stores.setdefault(mode, {})
 
-    def log_epoch_mean(self, name: str, value: torch.Tensor | float, weight: float, mode: str) -> None:
+    def log_epoch_mean(
+        self, name: str, value: torch.Tensor | float, weight: float, mode: str
+    ) -> None:
         """Add ``value`` (weight ``weight``) to the epoch mean logged as ``name``."""
         store = self._epoch_store(mode)
-        value = value.detach().to(torch.float64) if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+        value = (
+            value.detach().to(torch.float64)
+            if torch.is_tensor(value)
+            else torch.tensor(float(value), dtype=torch.float64)
+        )
         total, count = store.get(name, (0.0, 0.0))
         store[name] = (total + value * weight, count + weight)
 
@@ -56,13 +62,24 @@ class EpochMetricsMixin:
             names = list(store)
             device = self.device if hasattr(self, "device") else torch.device("cpu")
             sums = torch.stack(
-                [torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in store[n]]) for n in names]
+                [
+                    torch.stack(
+                        [torch.as_tensor(v, dtype=torch.float64, device=device) for v in store[n]]
+                    )
+                    for n in names
+                ]
             )
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(sums)
             for n, (total, count) in zip(names, sums, strict=True):
                 if float(count) > 0:
-                    self.log(n, float(total / count), on_step=False, on_epoch=True, prog_bar=n == "train_loss")
+                    self.log(
+                        n,
+                        float(total / count),
+                        on_step=False,
+                        on_epoch=True,
+                        prog_bar=n == "train_loss",
+                    )
             store.clear()
         if metrics:
             self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=self.use_sync_dist)
@@ -101,11 +118,25 @@ class EpochMetricsMixin:
 
     def record_loss(self, scvi_loss: LossOutput, mode: str) -> None:
         """Add one minibatch's loss and metrics to the epoch's sums."""
-        self.log_epoch_mean(f"{'train' if mode == 'train' else 'validation'}_loss", scvi_loss.loss, scvi_loss.n_obs_minibatch, mode)
-        self.compute_and_log_metrics(scvi_loss, self.train_metrics if mode == "train" else self.val_metrics, mode)
+        self.log_epoch_mean(
+            f"{'train' if mode == 'train' else 'validation'}_loss",
+            scvi_loss.loss,
+            scvi_loss.n_obs_minibatch,
+            mode,
+        )
+        self.compute_and_log_metrics(
+            scvi_loss, self.train_metrics if mode == "train" else self.val_metrics, mode
+        )
         if mode == "train" and self.progress_every and self.global_step % self.progress_every == 0:
             total, count = self._epoch_store("train")["train_loss"]
-            self.log("loss", float(total / count), on_step=True, on_epoch=False, prog_bar=True, logger=False)
+            self.log(
+                "loss",
+                float(total / count),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                logger=False,
+            )
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

@@ -39,7 +39,7 @@ from cellpert.data import (
     save_results,
     to_uns,
 )
-from cellpert.evaluate import ica_rotate, mcc
+from cellpert.evaluate import ica_rotate, mask_recovery, mcc
 from cellpert.models._prepare import prepare_anndata
 
 __all__ = ["MODELS", "ModelEntry", "TrainedRun", "export_latents", "load_run", "model_key", "train_run"]
@@ -382,7 +382,12 @@ def export_latents(
         The model's global outputs (e.g. ``embeddings``, ``mask_probabilities`` as
         perturbation x latent DataFrames), ``config`` (the run's resolved options) and,
         with ``ica=True`` on a screen with ground truth (``obsm["X_true_latent"]``),
-        ``ica_mcc`` (MCC before and after ICA).
+        ``ica_mcc`` (MCC before and after ICA). With ``ica=True`` for SAMS-VAE and
+        CPA-VAE also ``ica_shifts`` and ``ica_masks`` (perturbation x ICA dimension:
+        each perturbation's latent shift in the ICA basis and its support, see
+        :meth:`~cellpert.models.SAMSVAE.get_ica_masks`) and, when the screen holds the
+        simulator's true mask, ``ica_mask_f1`` (mask F1 of q(M) before and of the ICA
+        masks after).
 
     Returns
     -------
@@ -408,22 +413,49 @@ def export_latents(
         latent = np.asarray(fields.get("obsm", {}).get("latent"))
         if latent.ndim != 2:
             raise CellpertInputError(f"--ica needs a latent representation; {run.config['model']} exports none.")
-        rotated = ica_rotate(latent, seed=seed)
+        found = None
+        if "embeddings" in fields.get("uns", {}):  # SAMS-VAE and CPA-VAE: masks in the ICA basis
+            found = run.model.get_ica_masks(seed=seed, batch_size=batch_size)
+            rotated = found["latent"]
+            entry["ica_shifts"] = to_uns(found["shifts"])
+            entry["ica_masks"] = to_uns(found["masks"])
+        else:
+            rotated = ica_rotate(latent, seed=seed)
         array = np.full((full.n_obs, rotated.shape[1]), np.nan, dtype=np.float32)
         array[rows] = rotated
         full.obsm[f"X_{key}_ica"] = array
         written["obsm"].append(f"X_{key}_ica")
         if "X_true_latent" in full.obsm:
             truth = np.asarray(full.obsm["X_true_latent"])[rows]
-            before, after = float(mcc(truth, latent)), float(mcc(truth, rotated))
-            entry["ica_mcc"] = {"before": before, "after": after}
-            written["ica_mcc"] = {"before": before, "after": after}
+            before, after = mcc(truth, latent), mcc(truth, rotated)
+            entry["ica_mcc"] = {"before": float(before), "after": float(after)}
+            written["ica_mcc"] = entry["ica_mcc"]
+            true_mask = _true_mask(full, run.model)
+            if found is not None and true_mask is not None:
+                f1 = {"after": mask_recovery(true_mask, found["masks"].to_numpy(), matching=after)["f1"]}
+                if "mask_probabilities" in fields["uns"]:
+                    probs = fields["uns"]["mask_probabilities"].to_numpy()
+                    f1["before"] = mask_recovery(true_mask, probs, matching=before)["f1"]
+                entry["ica_mask_f1"] = f1
+                written["ica_mask_f1"] = f1
     uns = full.uns.setdefault(UNS_KEY, {})
     models = uns.setdefault("models", {})
     models[key] = entry
     written["uns"] = [f"uns/{UNS_KEY}/models/{key}/{name}" for name in entry]
     path = save_results(full, screen_path, out=out)
     return path, written
+
+
+def _true_mask(adata: ad.AnnData, model: Any) -> np.ndarray | None:
+    """The simulator's perturbation x latent mask, rows in the model's perturbation order."""
+    truth = adata.uns.get(UNS_KEY, {}).get("ground_truth", {})
+    if "mask" not in truth or "perturbation_names" not in truth:
+        return None
+    names = [str(n) for n in truth["perturbation_names"]]
+    wanted = [str(n) for n in getattr(model, "perturbation_names", [])]
+    if not wanted or not set(wanted) <= set(names):
+        return None
+    return np.asarray(truth["mask"])[[names.index(n) for n in wanted]]
 
 
 def _subset_rows(adata: ad.AnnData, subset: str | None) -> np.ndarray:
