@@ -121,6 +121,8 @@ def run_norman(
     eval_s = time.perf_counter() - t1
     elbo = model.get_elbo(split="test", n_samples=100)
     val_iwelbo = model.get_iwelbo(split="val", n_samples=100)
+    # the test IWELBO draws (E, M) once: its spread over evaluation seeds
+    iwelbo_by_seed = [iwelbo] + [model.get_iwelbo(split="test", n_samples=100, seed=s) for s in range(1, 5)]
     step_times = np.asarray(timer.steps[5:])  # skip warm-up
     out = {
         "part": "norman",
@@ -138,6 +140,7 @@ def run_norman(
         "iwelbo100_eval_s": eval_s,
         "test_iwelbo": iwelbo,
         "test_elbo": elbo,
+        "test_iwelbo_eval_seeds_0_4": iwelbo_by_seed,
         "val_iwelbo": val_iwelbo,
         "n_test_cells": int(len(model.split_indices("test"))),
         "peak_rss_gb": _peak_rss_gb(),
