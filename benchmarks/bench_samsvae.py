@@ -119,6 +119,12 @@ def run_norman(
     t1 = time.perf_counter()
     iwelbo = model.get_iwelbo(split="test", n_samples=100)
     eval_s = time.perf_counter() - t1
+    from cellpert.evaluate import model_ate
+
+    labels = sorted({str(v) for v in screen.labels} - set(screen.control_labels))
+    t2 = time.perf_counter()
+    model_ate(model, labels, control=screen.control_labels, n_particles=2500)
+    ate_s = time.perf_counter() - t2
     elbo = model.get_elbo(split="test", n_samples=100)
     val_iwelbo = model.get_iwelbo(split="val", n_samples=100)
     # the test IWELBO draws (E, M) once: its spread over evaluation seeds
@@ -138,6 +144,8 @@ def run_norman(
         "best_step": getattr(model, "best_step_", None),
         "best_validation_loss": getattr(model, "best_validation_loss_", None),
         "iwelbo100_eval_s": eval_s,
+        "ate2500_eval_s": ate_s,
+        "iwelbo_plus_ate_eval_s": eval_s + ate_s,
         "test_iwelbo": iwelbo,
         "test_elbo": elbo,
         "test_iwelbo_eval_seeds_0_4": iwelbo_by_seed,
