@@ -39,7 +39,7 @@ class EpochMetricsMixin:
     progress_every: int = 10
 
     # ------------------------------------------------------------- accumulation
-    def _epoch_store(self, mode: str) -> dict[str, list[torch.Tensor]]:
+    def _epoch_store(self, mode: str) -> dict[str, tuple[torch.Tensor | float, float]]:
         stores = self.__dict__.setdefault("_epoch_sums", {})
         return stores.setdefault(mode, {})
 
@@ -48,11 +48,8 @@ class EpochMetricsMixin:
     ) -> None:
         """Add ``value`` (weight ``weight``) to the epoch mean logged as ``name``."""
         store = self._epoch_store(mode)
-        value = (
-            value.detach().to(torch.float64)
-            if torch.is_tensor(value)
-            else torch.tensor(float(value), dtype=torch.float64)
-        )
+        # float32 on the value's device: no host sync per step, and MPS has no float64
+        value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
         total, count = store.get(name, (0.0, 0.0))
         store[name] = (total + value * weight, count + weight)
 
@@ -64,7 +61,7 @@ class EpochMetricsMixin:
             sums = torch.stack(
                 [
                     torch.stack(
-                        [torch.as_tensor(v, dtype=torch.float64, device=device) for v in store[n]]
+                        [torch.as_tensor(v, dtype=torch.float32, device=device) for v in store[n]]
                     )
                     for n in names
                 ]
