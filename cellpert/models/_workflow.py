@@ -415,7 +415,7 @@ def export_latents(
             raise CellpertInputError(f"--ica needs a latent representation; {run.config['model']} exports none.")
         found = None
         if "embeddings" in fields.get("uns", {}):  # SAMS-VAE and CPA-VAE: masks in the ICA basis
-            found = run.model.get_ica_masks(seed=seed, batch_size=batch_size)
+            found = run.model.get_ica_masks(seed=seed, latent=latent)
             rotated = found["latent"]
             entry["ica_shifts"] = to_uns(found["shifts"])
             entry["ica_masks"] = to_uns(found["masks"])

@@ -381,6 +381,7 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         threshold: float = 0.5,
         seed: int = 0,
         batch_size: int | None = None,
+        latent: np.ndarray | None = None,
     ) -> dict[str, np.ndarray | pd.DataFrame]:
         """Option (not in the paper): perturbation → latent masks in the ICA basis of z.
 
@@ -402,6 +403,9 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
             FastICA's seed.
         batch_size
             Minibatch size of the encoder pass.
+        latent
+            Posterior means of z of ``adata``'s cells, when already computed (skips the
+            encoder pass).
 
         Returns
         -------
@@ -409,7 +413,8 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         DataFrames indexed by perturbation name; masks are 0/1).
         """
         self._require_globals()
-        latent = self.get_latent_representation(adata, kind="latent", batch_size=batch_size)
+        if latent is None:
+            latent = self.get_latent_representation(adata, kind="latent", batch_size=batch_size)
         out = ica_masks(latent, self._dosage(adata), threshold=threshold, seed=seed)
         index = pd.Index(self.perturbation_names, name="perturbation")
         columns = [f"ica{k}" for k in range(out["latent"].shape[1])]
