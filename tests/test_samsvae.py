@@ -279,3 +279,53 @@ def test_best_validation_state_is_restored(small_adata):
     model.train(max_epochs=4, batch_size=64, lr=1e-2)
     val = model.history["validation_loss"]["validation_loss"].to_numpy()
     assert model.best_validation_loss_ == pytest.approx(val.min(), rel=1e-6)
+
+
+@pytest.mark.parametrize("global_draws", ["per_sample", "single"])
+def test_iwelbo_global_draws_protocol(small_adata, global_draws, monkeypatch):
+    """MODELS.md §6: importance sample s uses its own (E_s, M_s), shared by all cells."""
+    adata, _ = small_adata
+    SAMSVAE.setup_anndata(adata)
+    model = SAMSVAE(adata, **SMALL, n_particles=2)
+    model.train(max_steps=6, batch_size=64)
+    module = model.module
+    drawn, offsets = [], []
+    sample_globals, inference = module.sample_globals, module.inference
+
+    def spy_globals(n):
+        out = sample_globals(n)
+        drawn.append(out)
+        return out
+
+    def spy_inference(x, dosage, **kw):
+        out = inference(x, dosage, **kw)
+        offsets.append((dosage, out["offset"], out["z"].shape[0]))
+        return out
+
+    monkeypatch.setattr(module, "sample_globals", spy_globals)
+    monkeypatch.setattr(module, "inference", spy_inference)
+    n_samples = 7
+    model.get_iwelbo(split="test", n_samples=n_samples, batch_size=10, global_draws=global_draws)
+    # one draw of the globals for the whole evaluation, shared by every minibatch
+    assert len(drawn) == 1 and len(offsets) > 1
+    effect = drawn[0]["effect"]
+    assert effect.shape[0] == (n_samples if global_draws == "per_sample" else 1)
+    if global_draws == "per_sample":
+        assert not torch.allclose(effect[0], effect[1])
+    for dosage, offset, n_z in offsets:
+        assert n_z == n_samples
+        # the offset of sample s is D (E_s ⊙ M_s), the same draw for every cell
+        assert torch.allclose(offset, torch.matmul(dosage, effect), atol=1e-6)
+
+
+def test_per_sample_global_draws_average_over_q_of_the_globals(small_adata):
+    """With (E, M) redrawn per importance sample, the IWELBO no longer hinges on one draw."""
+    adata, _ = small_adata
+    CPAVAE.setup_anndata(adata)
+    model = CPAVAE(adata, **SMALL, n_particles=2)
+    model.train(max_steps=6, batch_size=64)
+    per_sample = [model.get_iwelbo(split="test", n_samples=50, seed=s) for s in range(6)]
+    single = [model.get_iwelbo(split="test", n_samples=50, seed=s, global_draws="single") for s in range(6)]
+    assert np.std(per_sample) < 0.5 * np.std(single)
+    # the estimate tends to log E_q(E)[p(x | E)] >= E_q(E)[log p(x | E)] (Jensen)
+    assert np.mean(per_sample) > np.mean(single)

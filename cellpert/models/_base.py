@@ -107,11 +107,13 @@ class SplitMixin:
         for tensors in loader:
             yield {k: v.to(self.device) for k, v in tensors.items()}
 
-    def _eval_batch_size(self, n_samples: int, batch_size: int | None) -> int:
-        """``batch_size``, else one keeping samples × cells × genes near 2.5e7 floats."""
+    def _eval_batch_size(self, n_samples: int, batch_size: int | None, extra_width: int = 0) -> int:
+        """``batch_size``, else one keeping samples × cells × (genes + ``extra_width``) near
+        2.5e7 floats (``extra_width``: other per-sample activations, e.g. an encoder's)."""
         if batch_size is not None:
             return batch_size
-        return int(max(16, min(1024, 2.5e7 // max(n_samples * self.summary_stats.n_vars, 1))))
+        width = self.summary_stats.n_vars + extra_width
+        return int(max(16, min(1024, 2.5e7 // max(n_samples * width, 1))))
 
 
 class DosageLabelsMixin:

@@ -34,6 +34,10 @@ __all__ = ["CPAVAE", "SAMSVAE", "ConditionalVAE"]
 
 logger = logging.getLogger(__name__)
 
+#: How evaluation draws the global latents (E, M): one draw per importance sample, shared
+#: by all cells (MODELS.md §6), or a single draw for every sample and cell.
+GlobalDraws = Literal["per_sample", "single"]
+
 
 
 class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -434,19 +438,29 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         n_samples: int = 100,
         batch_size: int | None = None,
         seed: int = 0,
+        global_draws: GlobalDraws = "per_sample",
         return_mean: bool = True,
     ) -> float | np.ndarray:
         """Importance-weighted ELBO per cell (MODELS.md §6).
 
-        (E, M) are drawn once from q and shared by all cells; per cell,
-        ``log (1/S) Σ_s p(x | z^b_s, E, M, ℓ_obs) p(z^b_s) / q(z^b_s | ·)`` with
-        ``S = n_samples``. Global variables are not scored against their priors.
+        Per cell, ``log (1/S) Σ_s p(x | z^b_s, E_s, M_s, ℓ_obs) p(z^b_s) / q(z^b_s | ·)``
+        with ``S = n_samples``. Global variables are not scored against their priors.
+
+        Parameters
+        ----------
+        global_draws
+            ``"per_sample"`` (MODELS.md §6, the reference implementation's protocol): each
+            importance sample s draws its own (E_s, M_s) from q, shared by all cells, so
+            the estimate also averages over q(E, M). ``"single"``: one draw of (E, M) for
+            every sample and cell (the estimate then depends on that draw).
 
         Returns
         -------
         The mean over the cells, or per-cell values (``return_mean=False``).
         """
-        values = self._local_log_weights(adata, indices, split, n_samples, batch_size, seed, iw=True)
+        values = self._local_log_weights(
+            adata, indices, split, n_samples, batch_size, seed, iw=True, global_draws=global_draws
+        )
         return float(values.mean()) if return_mean else values
 
     @torch.inference_mode()
@@ -460,34 +474,59 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         batch_size: int | None = None,
         seed: int = 0,
         include_global: bool = False,
+        global_draws: GlobalDraws = "per_sample",
         return_mean: bool = True,
     ) -> float | np.ndarray:
         """ELBO per cell under the same protocol as :meth:`get_iwelbo`.
 
-        (E, M) drawn once from q and shared; the local ELBO
-        ``log p(x | z) + log p(z^b) - log q(z^b)`` is averaged over ``n_samples`` draws of
-        z^b. ``include_global=True`` adds the training objective's global terms (one
-        draw), each perturbation's spread over the scored cells that received it
-        (``N_t`` counted on them).
+        The local ELBO ``log p(x | z) + log p(z^b) - log q(z^b)`` averaged over
+        ``n_samples`` draws (with ``global_draws="per_sample"``, each with its own draw of
+        (E, M), shared by all cells). ``include_global=True`` adds the training
+        objective's global terms of the same draws, each perturbation's spread over the
+        scored cells that received it (``N_t`` counted on them).
 
         Returns
         -------
         The mean over the cells, or per-cell values (``return_mean=False``).
         """
         values = self._local_log_weights(
-            adata, indices, split, n_samples, batch_size, seed, iw=False, include_global=include_global
+            adata,
+            indices,
+            split,
+            n_samples,
+            batch_size,
+            seed,
+            iw=False,
+            include_global=include_global,
+            global_draws=global_draws,
         )
         return float(values.mean()) if return_mean else values
 
     def _local_log_weights(
-        self, adata, indices, split, n_samples, batch_size, seed, *, iw: bool, include_global: bool = False
+        self,
+        adata,
+        indices,
+        split,
+        n_samples,
+        batch_size,
+        seed,
+        *,
+        iw: bool,
+        include_global: bool = False,
+        global_draws: GlobalDraws = "per_sample",
     ) -> np.ndarray:
+        if global_draws not in ("per_sample", "single"):
+            raise ValueError(f"global_draws must be 'per_sample' or 'single', got {global_draws!r}")
         self.module.eval()
         idx = self._indices(adata, indices, split)
-        batch_size = self._eval_batch_size(n_samples, batch_size)
+        # with one draw of (E, M) per sample, the encoder also runs once per sample
+        per_sample_encoder = global_draws == "per_sample" and self.module.variant != "cvae"
+        batch_size = self._eval_batch_size(
+            n_samples, batch_size, extra_width=self.module.n_hidden if per_sample_encoder else 0
+        )
         n_cells = torch.as_tensor(self.cells_per_perturbation(idx, adata), device=self.device)
         with self._seeded(seed):
-            glob = self.module.sample_globals(1)
+            glob = self.module.sample_globals(n_samples if global_draws == "per_sample" else 1)
             out = []
             for t in self._eval_batches(adata, idx, batch_size):
                 x, dosage, library = t[REGISTRY_KEYS.X_KEY], t[DOSAGE_KEY], t[LIBRARY_KEY]
@@ -497,7 +536,7 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
                 else:
                     value = logw.mean(0)
                     if include_global:
-                        value = value + self.module.global_per_cell(dosage, glob["log_ratio"], n_cells)[0]
+                        value = value + self.module.global_per_cell(dosage, glob["log_ratio"], n_cells).mean(0)
                 out.append(value.double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 

@@ -172,6 +172,7 @@ class PerturbationVAEModule(BaseModuleClass):
         self.n_perturbations = n_perturbations
         self.variant = variant
         self.n_latent = n_latent
+        self.n_hidden = n_hidden
         self.guide = guide if variant == "sams" else "mean_field"
         self.mask_prior_prob = mask_prior_prob
         self.embedding_prior_scale = embedding_prior_scale
@@ -435,9 +436,15 @@ class PerturbationVAEModule(BaseModuleClass):
     ) -> torch.Tensor:
         """Per-sample local log-weights ``log p(x|z) + log p(z^b) - log q(z^b)``: (S, B).
 
-        ``global_samples`` must hold a single particle (P = 1), shared by all cells.
+        ``global_samples`` holds either ``S = n_samples`` particles (importance sample s
+        uses the s-th draw of (E, M) and one draw of z^b) or a single particle shared by
+        the ``S`` draws of z^b. Either way the global draws are shared by all cells.
         """
-        inf = self.inference(x, dosage, n_particles=1, global_samples=global_samples, n_local_samples=n_samples)
+        n_global = 1 if global_samples["effect"] is None else global_samples["effect"].shape[0]
+        if n_global not in (1, n_samples):
+            raise ValueError(f"global_samples must hold 1 or n_samples={n_samples} particles, got {n_global}")
+        local = n_samples if n_global == 1 else None
+        inf = self.inference(x, dosage, global_samples=global_samples, n_local_samples=local)
         zb, z = inf["zb"], inf["z"]
         loc, scale = inf["qzb_loc"], inf["qzb_scale"]
         gen = self.generative(z, library, dosage)
