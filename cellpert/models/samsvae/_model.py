@@ -490,31 +490,15 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         The mean over the cells, or per-cell values (``return_mean=False``).
         """
         values = self._local_log_weights(
-            adata,
-            indices,
-            split,
-            n_samples,
-            batch_size,
-            seed,
-            iw=False,
-            include_global=include_global,
-            global_draws=global_draws,
-        )
+            adata, indices, split, n_samples, batch_size, seed,
+            iw=False, include_global=include_global, global_draws=global_draws,
+        )  # fmt: skip
         return float(values.mean()) if return_mean else values
 
     def _local_log_weights(
-        self,
-        adata,
-        indices,
-        split,
-        n_samples,
-        batch_size,
-        seed,
-        *,
-        iw: bool,
-        include_global: bool = False,
-        global_draws: GlobalDraws = "per_sample",
-    ) -> np.ndarray:
+        self, adata, indices, split, n_samples, batch_size, seed, *,
+        iw: bool, include_global: bool = False, global_draws: GlobalDraws = "per_sample",
+    ) -> np.ndarray:  # fmt: skip
         if global_draws not in ("per_sample", "single"):
             raise ValueError(f"global_draws must be 'per_sample' or 'single', got {global_draws!r}")
         self.module.eval()
