@@ -329,3 +329,27 @@ def test_per_sample_global_draws_average_over_q_of_the_globals(small_adata):
     assert np.std(per_sample) < 0.5 * np.std(single)
     # the estimate tends to log E_q(E)[p(x | E)] >= E_q(E)[log p(x | E)] (Jensen)
     assert np.mean(per_sample) > np.mean(single)
+
+
+def test_elbo_global_terms_sum_to_each_perturbations_log_ratio(small_adata):
+    """``include_global``: each perturbation's log-ratio, averaged over the S draws, is
+    spread over the scored cells that received it (weights 1/N_t sum to one)."""
+    from cellpert.models._base import seeded
+
+    adata, _ = small_adata
+    SAMSVAE.setup_anndata(adata)
+    model = SAMSVAE(adata, **SMALL, n_particles=2)
+    model.train(max_steps=6, batch_size=64)
+    n_samples, seed = 9, 4
+    local = model.get_elbo(split="test", n_samples=n_samples, seed=seed, return_mean=False)
+    full = model.get_elbo(split="test", n_samples=n_samples, seed=seed, include_global=True, return_mean=False)
+    model.module.eval()
+    with torch.no_grad(), seeded(seed):
+        log_ratio = model.module.sample_globals(n_samples)["log_ratio"]  # the evaluation's draw
+    dosage = model._dosage()[model.split_indices("test")]
+    present = np.asarray(dosage.sum(0)).ravel() > 0
+    expected = log_ratio.mean(0).double().numpy()[present].sum()
+    assert (full - local).sum() == pytest.approx(expected, rel=1e-5)
+    # controls carry no global term
+    controls = np.asarray(dosage.sum(1)).ravel() == 0
+    assert controls.any() and np.allclose((full - local)[controls], 0.0)
