@@ -113,8 +113,6 @@ def chunked_predictive_mean(
     draw_rho: Callable[[int], torch.Tensor],
     sample_counts: Callable[[torch.Tensor], torch.Tensor],
     *,
-    n_rows: int,
-    n_genes: int,
     n_samples: int,
     library_size: torch.Tensor,
     transform: str = "perturbseq",
@@ -128,10 +126,8 @@ def chunked_predictive_mean(
         ``draw_rho(c)`` -> (c, R, G) normalised expression of ``c`` fresh particles.
     sample_counts
         Counts from a mean ``ℓ ρ`` (e.g. :func:`nb_sample` with the model's θ).
-    n_rows, n_genes
-        R and G.
     n_samples
-        Particles.
+        Particles (at least one).
     library_size
         (R,) or scalar ℓ.
     transform
@@ -144,18 +140,19 @@ def chunked_predictive_mean(
     -------
     (R, G) float32 tensor (accumulated in float64).
     """
-    total = torch.zeros(n_rows, n_genes, dtype=torch.float64, device=library_size.device)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    total = None  # (R, G), shaped by the first chunk
     library = library_size.reshape(-1, 1) if library_size.dim() else library_size
     done = 0
     while done < n_samples:
         c = min(chunk_size, n_samples - done)
-        rho = draw_rho(c)
-        if transform == "rho":
-            total += rho.sum(0, dtype=torch.float64)
-        else:
-            x = sample_counts(library * rho)
+        values = draw_rho(c)
+        if transform != "rho":
+            values = sample_counts(library * values)
             if transform == "perturbseq":
-                x = perturbseq_transform(x)
-            total += x.sum(0, dtype=torch.float64)
+                values = perturbseq_transform(values)
+        chunk_sum = values.sum(0, dtype=torch.float64)
+        total = chunk_sum if total is None else total.add_(chunk_sum)
         done += c
     return (total / n_samples).to(torch.float32)

@@ -304,10 +304,5 @@ class ComparativeVAEModule(BaseModuleClass):
         return chunked_predictive_mean(
             draw_rho,
             sample_counts,
-            n_rows=R,
-            n_genes=self.n_genes,
-            n_samples=n_samples,
-            library_size=library_size,
-            transform=transform,
-            chunk_size=chunk_size,
-        )
+            n_samples=n_samples, library_size=library_size, transform=transform, chunk_size=chunk_size,
+        )  # fmt: skip

@@ -449,9 +449,9 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         Parameters
         ----------
         global_draws
-            ``"per_sample"`` (MODELS.md §6, the reference implementation's protocol): each
-            importance sample s draws its own (E_s, M_s) from q, shared by all cells, so
-            the estimate also averages over q(E, M). ``"single"``: one draw of (E, M) for
+            ``"per_sample"`` (MODELS.md §6): each importance sample s draws its own
+            (E_s, M_s) from q, shared by all cells, so the estimate also averages over
+            q(E, M). ``"single"``: one draw of (E, M) for
             every sample and cell (the estimate then depends on that draw).
 
         Returns

@@ -499,10 +499,5 @@ class PerturbationVAEModule(BaseModuleClass):
         return chunked_predictive_mean(
             draw_rho,
             lambda mu: nb_sample(mu, self.decoder.theta),
-            n_rows=R,
-            n_genes=self.n_genes,
-            n_samples=n_samples,
-            library_size=library_size,
-            transform=transform,
-            chunk_size=chunk_size,
-        )
+            n_samples=n_samples, library_size=library_size, transform=transform, chunk_size=chunk_size,
+        )  # fmt: skip
