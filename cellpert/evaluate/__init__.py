@@ -7,7 +7,9 @@ from cellpert.evaluate._ate import (
     ate_from_counts,
     ate_metrics,
     data_ate,
+    interval_coverage,
     mean_baseline,
+    noise_ceiling,
     perturbseq_transform,
 )
 from cellpert.evaluate._evaluate import (
@@ -29,7 +31,7 @@ from cellpert.evaluate._identifiability import (
     match_latents,
     mcc,
 )
-from cellpert.evaluate._model_ate import ModelATE, model_ate
+from cellpert.evaluate._model_ate import ModelATE, counterfactual_ate, model_ate, posterior_interval
 from cellpert.evaluate._report import ate_report_figure, write_ate_report
 
 __all__ = [
@@ -43,10 +45,12 @@ __all__ = [
     "ate_metrics",
     "block_leakage",
     "compute_ate_evaluation",
+    "counterfactual_ate",
     "data_ate",
     "evaluate_ate",
     "ica_masks",
     "ica_rotate",
+    "interval_coverage",
     "label_splits",
     "latent_shifts",
     "linear_r2",
@@ -55,7 +59,9 @@ __all__ = [
     "mcc",
     "mean_baseline",
     "model_ate",
+    "noise_ceiling",
     "perturbseq_transform",
+    "posterior_interval",
     "write_ate_report",
     "write_ate_results",
 ]

@@ -28,7 +28,9 @@ __all__ = [
     "ate_from_counts",
     "ate_metrics",
     "data_ate",
+    "interval_coverage",
     "mean_baseline",
+    "noise_ceiling",
     "perturbseq_transform",
 ]
 
@@ -536,3 +538,141 @@ def ate_metrics(
         "n_genes": n_genes,
     }
     return per, summary
+
+
+# -------------------------------------------------------------------- noise ceiling
+def _half_masks(codes: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random halves of ``rows``, balanced within each group of ``codes``."""
+    a = np.zeros(codes.shape[0], dtype=bool)
+    b = np.zeros(codes.shape[0], dtype=bool)
+    for g in np.unique(codes[rows]):
+        members = rng.permutation(rows[codes[rows] == g])
+        half = len(members) // 2
+        a[members[:half]] = True
+        b[members[half : 2 * half]] = True
+    return a, b
+
+
+def _top_r(first: np.ndarray, second: np.ndarray, n: int) -> float:
+    """Pearson r of ``second`` vs ``first`` on each column's ``n`` largest |first| genes, flattened."""
+    top = np.argsort(-np.abs(first), axis=0, kind="stable")[:n]
+    return _overall(np.take_along_axis(first, top, 0).ravel(), np.take_along_axis(second, top, 0).ravel())[0]
+
+
+def noise_ceiling(
+    counts: Any,
+    labels: Sequence[str] | np.ndarray,
+    *,
+    control: str | Sequence[str],
+    cells: np.ndarray,
+    evaluated: Sequence[str] | None = None,
+    top_n: int = 20,
+    n_repeats: int = 3,
+    seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, float]:
+    """How well a perfect predictor could agree with the data ATE of a set of cells.
+
+    The selected cells of each label (and the control cells) are split into two random
+    halves; ``r_half`` is the Pearson r between the two halves' ATEs on all genes
+    (flattened over labels), averaged over ``n_repeats`` random splits. By the
+    Spearman–Brown formula the full set's ATE has reliability ``ρ = 2 r_half / (1 +
+    r_half)``, and the true effect's expected r against it is ``√ρ``: the ceiling.
+    The top-N version chooses each label's genes on one half and correlates with the
+    other (both ways), so that the selection does not inflate the figure.
+
+    Parameters
+    ----------
+    counts, labels, control
+        As :func:`ate_from_counts`.
+    cells
+        Boolean mask (or indices) of the cells whose ATE is the target (controls included).
+    evaluated
+        Labels to use (default: every non-control label with cells in both halves).
+    top_n
+        Genes per label of the top-N figure.
+    n_repeats
+        Random half splits averaged.
+    seed
+        Seeds the half splits.
+    chunk_rows
+        Rows per streamed chunk.
+
+    Returns
+    -------
+    dict
+        ``reliability`` (ρ), ``pearson`` (√ρ, the ceiling of the all-gene r),
+        ``reliability_top``, ``pearson_top``, ``r_half``, ``r_half_top``, ``n_repeats``.
+        NaN where a label has fewer than 2 cells in the selection.
+    """
+    n_cells = counts.shape[0]
+    labels = np.asarray(labels, dtype=object).astype(str)
+    rows = _resolve_cells(cells, n_cells)
+    controls = [control] if isinstance(control, str) else [str(c) for c in control]
+    codes = pd.factorize(np.where(np.isin(labels, controls), controls[0], labels))[0]
+    rng = np.random.default_rng(seed)
+    r_all, r_top = [], []
+    for _ in range(int(n_repeats)):
+        a, b = _half_masks(codes, rows, rng)
+        try:
+            ate_a = ate_from_counts(counts, labels, control=controls, cells=a, chunk_rows=chunk_rows)
+            ate_b = ate_from_counts(counts, labels, control=controls, cells=b, chunk_rows=chunk_rows)
+        except CellpertInputError:
+            break
+        common = [c for c in ate_a.columns if c in set(ate_b.columns)]
+        if evaluated is not None:
+            common = [c for c in common if c in set(map(str, evaluated))]
+        if not common:
+            break
+        first, second = ate_a[common].to_numpy(), ate_b[common].to_numpy()
+        r_all.append(_overall(first.ravel(), second.ravel())[0])
+        n = min(int(top_n), first.shape[0])
+        r_top.append(0.5 * (_top_r(first, second, n) + _top_r(second, first, n)))
+
+    def ceiling(values: list[float]) -> tuple[float, float, float]:
+        if not values or not np.isfinite(values).all():
+            return float("nan"), float("nan"), float("nan")
+        r = float(np.mean(values))
+        rho = 2 * r / (1 + r) if r > -1 else float("nan")
+        return r, rho, float(np.sqrt(max(rho, 0.0)))
+
+    r, rho, top_r = ceiling(r_all)
+    r_t, rho_t, top_t = ceiling(r_top)
+    return {
+        "r_half": r, "reliability": rho, "pearson": top_r,
+        "r_half_top": r_t, "reliability_top": rho_t, "pearson_top": top_t,
+        "n_repeats": len(r_all),
+    }  # fmt: skip
+
+
+def interval_coverage(truth: pd.DataFrame, lo: pd.DataFrame, hi: pd.DataFrame) -> dict[str, Any]:
+    """How often intervals cover the true effects (genes x labels tables, aligned by name).
+
+    Parameters
+    ----------
+    truth
+        True ATEs (e.g. :func:`cellpert.data.simulate.sams_true_ate`).
+    lo, hi
+        Interval ends of a model's ATE (:class:`cellpert.evaluate.ModelATE`).
+
+    Returns
+    -------
+    dict
+        ``coverage`` (fraction of (gene, label) pairs with lo ≤ truth ≤ hi),
+        ``per_label`` (Series), ``mean_width`` and ``n``.
+    """
+    truth = _check_ate_frame(truth, "truth")
+    labels = [c for c in truth.columns if c in lo.columns]
+    genes = truth.index.intersection(lo.index)
+    if not labels or not len(genes):
+        raise CellpertInputError("the truth and the intervals share no label or gene; align their names.")
+    t = truth.loc[genes, labels].to_numpy(dtype=np.float64)
+    a = lo.loc[genes, labels].to_numpy(dtype=np.float64)
+    b = hi.loc[genes, labels].to_numpy(dtype=np.float64)
+    inside = (a <= t) & (t <= b)
+    return {
+        "coverage": float(inside.mean()),
+        "per_label": pd.Series(inside.mean(axis=0), index=pd.Index(labels, name="label")),
+        "mean_width": float((b - a).mean()),
+        "n": int(inside.size),
+    }

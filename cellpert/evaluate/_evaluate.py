@@ -9,24 +9,30 @@ leaves it untouched.
 
 Conventions
 -----------
-- **Data ATE** (``varm["ate_data"]``, the per-perturbation metrics): by default each
-  label's ATE is computed over *all* its cells against *all* control cells of the screen
-  (or of the run's ``subset``), whatever their split — the setting of the SAMS-VAE
-  paper's notebooks and of the reference numbers. ``data_cells="split"`` instead scores
-  split s against the data ATE of the label's cells in split s (minus the mean of the
-  control cells of split s, or of all control cells when split s has none).
+- **Held-out target** (default, ``data_cells="split"``; docs/models.md, "Evaluation").
+  Split s is scored against the data ATE of its own cells: each label's split-s cells
+  minus the split's control cells (when the split has none, e.g. held-out combinations,
+  the control cells outside the training split). Under a random cell split the ``val``
+  and ``test`` columns therefore use cells no model or baseline was fitted on. The split
+  shown (``iwelbo_split``, the command's ``--split``, default ``test``) gives the
+  per-perturbation table, ``varm["ate_data"]`` and the report, so every table, key and
+  figure of one evaluation uses the same target; ``config["target"]`` names it.
+  ``data_cells="all"`` is the SAMS-VAE paper's protocol: every split against the data
+  ATE of all cells, training cells included (the training-cell baselines then look far
+  better than they are).
+- **Noise ceiling** of the shown target (:func:`cellpert.evaluate.noise_ceiling`): the r a
+  perfect predictor would reach, from split halves and Spearman–Brown; next to it, the r
+  the training-cell average is expected to reach from noise alone, √(ρ_train ρ_test).
 - **Label splits.** A label belongs to split s when at least one of its cells is in s
-  (``"unused"`` cells are ignored). Under the combination split the held-out
-  combinations are exactly the ``test`` labels and singles are ``train`` and ``val``
-  labels; under a random cell split every label belongs to every split, so with
-  ``data_cells="all"`` the ``train``, ``val`` and ``test`` columns of the summary are the
-  same numbers (use ``data_cells="split"`` to score on held-out cells). The
-  per-perturbation table lists each label's splits (``"test"``, ``"train+val"``,
-  ``"train+val+test"``).
+  (``"unused"`` cells are ignored). The per-perturbation table lists each label's splits
+  (``"test"``, ``"train+val"``, ``"train+val+test"``).
 - **Baselines** are computed from the data ATE of the *training* cells (split
-  ``"train"``, control included): additive (the sum of the parts' training effects) and
-  mean (the mean training effect), :func:`cellpert.evaluate.additive_baseline` and
-  :func:`cellpert.evaluate.mean_baseline`.
+  ``"train"``, control included): additive (the sum of the parts' training effects; for a
+  seen label, the training-cell average) and mean (the mean training effect).
+- **Model ATE**: ``estimator="counterfactual"`` (default) encodes the training control
+  cells, shifts them by each perturbation and decodes at their own depth, with a
+  posterior interval over the global latents (:func:`cellpert.evaluate.counterfactual_ate`);
+  ``estimator="prior"`` is the paper's (:func:`cellpert.evaluate.model_ate`).
 - **Held-out IWELBO**: ``model.get_iwelbo(split=iwelbo_split, n_samples=100)``, the mean
   over that split's cells (MODELS.md §6).
 """
@@ -49,8 +55,14 @@ import pandas as pd
 from cellpert._errors import CellpertInputError, CellpertWarning
 from cellpert.data import UNS_KEY, PerturbationScreen, load_screen, read_h5ad, save_results, to_uns
 from cellpert.data._validate import DEFAULT_CHUNK_ROWS
-from cellpert.evaluate._ate import additive_baseline, ate_metrics, data_ate, mean_baseline
-from cellpert.evaluate._model_ate import LibrarySize, ModelATE, model_ate
+from cellpert.evaluate._ate import (
+    additive_baseline,
+    ate_metrics,
+    data_ate,
+    mean_baseline,
+    noise_ceiling,
+)
+from cellpert.evaluate._model_ate import LibrarySize, ModelATE, counterfactual_ate, model_ate
 
 __all__ = [
     "METRIC_NAMES",
@@ -72,6 +84,8 @@ METRICS_UNS_KEY = "ate_metrics"
 #: Key of a data-only evaluation (no model).
 DATA_KEY = "data"
 
+Estimator = Literal["counterfactual", "prior"]
+
 
 @dataclass
 class AteEvaluation:
@@ -80,7 +94,7 @@ class AteEvaluation:
     key: str
     """Output key: the model key (``samsvae``, ``cpa_vae``) or ``"data"``."""
     data_ate: pd.DataFrame
-    """genes x labels data ATE over all cells of each label vs all control cells."""
+    """genes x labels data ATE the evaluation scored against (``config["target"]``)."""
     per_perturbation: pd.DataFrame
     """One row per label: ``split``, ``n_cells`` and ``<predictor>_<metric>``."""
     summary: pd.DataFrame | None
@@ -157,26 +171,79 @@ def _split_values(screen: PerturbationScreen, model: Any, split: np.ndarray | st
     return None
 
 
-def _training_ate(screen: PerturbationScreen, split_values: np.ndarray, chunk_rows: int) -> pd.DataFrame:
+def _training_ate(
+    screen: PerturbationScreen, split_values: np.ndarray, chunk_rows: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Data ATE of the training cells (the baselines' input) and the cells it used."""
     train = split_values == "train"
     if not (train & screen.is_control).any():
         logger.warning("no control cell in the training split; the baselines use all control cells")
         train = train | screen.is_control
-    return data_ate(screen, cells=train, chunk_rows=chunk_rows)
+    return data_ate(screen, cells=train, chunk_rows=chunk_rows), train
+
+
+def _target_cells(screen: PerturbationScreen, split_values: np.ndarray, s: str, labels: list[str]) -> tuple[np.ndarray, str]:
+    """Cells of the held-out target of split ``s``, and which controls it uses.
+
+    The labels' split-``s`` cells, with the split's own control cells; when the split has
+    none (e.g. held-out combinations), the control cells outside the training split;
+    failing that, all control cells.
+    """
+    in_split = split_values == s
+    controls = screen.is_control & in_split
+    source = f"the {s} control cells"
+    if not controls.any():
+        controls = screen.is_control & (split_values != "train")
+        source = "the control cells outside the training split"
+        if not controls.any():
+            controls = screen.is_control
+            source = "all control cells (no held-out control cell; the baselines share them)"
+        logger.info("split %r has no control cells; its data ATE uses %s", s, source)
+    return (in_split & np.isin(screen.labels, labels)) | controls, source
 
 
 def _split_target(
     screen: PerturbationScreen, split_values: np.ndarray, s: str, labels: list[str], chunk_rows: int
 ) -> pd.DataFrame:
-    """Data ATE of the labels' split-s cells vs the split's control cells (else all controls)."""
-    in_split = split_values == s
-    controls = screen.is_control & in_split
-    if not controls.any():
-        logger.info("split %r has no control cells; its data ATE uses all control cells", s)
-        controls = screen.is_control
-    cells = (in_split & np.isin(screen.labels, labels)) | controls
+    """Data ATE of the labels' split-s cells vs the split's control cells (see :func:`_target_cells`)."""
+    cells, source = _target_cells(screen, split_values, s, labels)
     target = data_ate(screen, cells=cells, chunk_rows=chunk_rows)
-    return target[[c for c in labels if c in target.columns]]
+    target = target[[c for c in labels if c in target.columns]]
+    target.attrs["controls"] = source
+    return target
+
+
+def _basal_cells(screen: PerturbationScreen, split_values: np.ndarray | None) -> np.ndarray:
+    """Control cells the counterfactual estimator encodes: the training split's (else all)."""
+    if split_values is not None:
+        train = np.flatnonzero(screen.is_control & (split_values == "train"))
+        if len(train):
+            return train
+    logger.warning("no training control cells: the counterfactual ATE encodes every control cell")
+    return np.flatnonzero(screen.is_control)
+
+
+def _predict(
+    screen: PerturbationScreen, model: Any, labels: list[str], split_values: np.ndarray | None, *,
+    estimator: Estimator, n_particles: int, n_groups: int, n_draws: int, library_size: LibrarySize | float,
+    seed: int,
+) -> ModelATE:  # fmt: skip
+    """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`)."""
+    if estimator == "counterfactual" and not hasattr(model, "get_counterfactual_effects"):
+        logger.warning("%s has no counterfactual estimator; using the prior estimator", type(model).__name__)
+        estimator = "prior"
+    if estimator == "counterfactual":
+        return counterfactual_ate(
+            model, labels, control=screen.control_labels, cells=_basal_cells(screen, split_values),
+            n_draws=n_draws, seed=seed, gene_names=screen.gene_names,
+        )  # fmt: skip
+    pred = model_ate(
+        model, labels, control=screen.control_labels, n_particles=n_particles, n_groups=n_groups,
+        library_size=library_size, control_library_sizes=screen.library_size[screen.is_control],
+        seed=seed, gene_names=screen.gene_names,
+    )  # fmt: skip
+    pred.config["estimator"] = "prior"
+    return pred
 
 
 # ------------------------------------------------------------------ computation
@@ -186,20 +253,25 @@ def compute_ate_evaluation(
     *,
     key: str | None = None,
     split: np.ndarray | str | None = None,
-    data_cells: Literal["all", "split"] = "all",
+    data_cells: Literal["all", "split"] = "split",
+    estimator: Estimator = "counterfactual",
     n_particles: int = 2500,
     n_groups: int = 50,
+    n_draws: int = 100,
     library_size: LibrarySize | float = "fixed",
     top_n: int = 20,
     iwelbo_split: str = "test",
     iwelbo_samples: int = 100,
+    ceiling: bool = True,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> AteEvaluation:
-    """Data ATE, model ATE, baselines, metrics per split and held-out IWELBO, in memory.
+    """Data ATE, model ATE, baselines, metrics per split, noise ceiling and IWELBO, in memory.
 
-    See the module docstring for the conventions (data ATE over all cells by default,
-    label splits, baselines from training cells).
+    See the module docstring for the conventions: by default every split is scored
+    against the data ATE of its own cells (held out from training for ``val`` and
+    ``test``), baselines come from the training cells, and the per-perturbation table,
+    ``data_ate`` and the report use the target of ``iwelbo_split`` (the split shown).
 
     Parameters
     ----------
@@ -207,8 +279,9 @@ def compute_ate_evaluation(
         The screen the model was trained on (for a run: ``load_run(...).screen``).
     model
         A trained model with the prediction protocol of
-        :func:`cellpert.evaluate.model_ate` and ``get_iwelbo``; None computes the data
-        ATE alone.
+        :func:`cellpert.evaluate.model_ate` (and, for the default estimator,
+        ``get_counterfactual_effects``) and ``get_iwelbo``; None computes the data ATE
+        alone.
     key
         Output key (default: ``"model"`` with a model, ``"data"`` without).
     split
@@ -216,17 +289,30 @@ def compute_ate_evaluation(
         ``obs["cellpert_split"]``, else none (only the ``"all"`` column is scored and no
         baselines are computed).
     data_cells
-        ``"all"`` (default) or ``"split"``: the data ATE each split is scored against.
+        ``"split"`` (default): split s is scored against the data ATE of its own cells;
+        ``"all"`` (the SAMS-VAE paper's protocol): every split against the data ATE of
+        all cells, training cells included.
+    estimator
+        ``"counterfactual"`` (default): :func:`cellpert.evaluate.counterfactual_ate` on
+        the training control cells, with a posterior interval; ``"prior"`` (the paper's):
+        :func:`cellpert.evaluate.model_ate`, z^b from the prior, a Monte Carlo interval.
     n_particles, n_groups, library_size
-        Model ATE options (:func:`cellpert.evaluate.model_ate`).
+        Options of the prior estimator.
+    n_draws
+        Draws of the global latents of the counterfactual estimator.
     top_n
         Genes per perturbation of the "top" metrics.
     iwelbo_split
-        Split whose cells the IWELBO is computed on.
+        The split shown: its cells give the IWELBO, its target the per-perturbation
+        table, ``data_ate`` and the noise ceiling.
     iwelbo_samples
         Importance samples (MODELS.md: 100).
+    ceiling
+        Compute the noise ceiling of the shown split's target
+        (:func:`cellpert.evaluate.noise_ceiling`) and the expected r of the
+        training-cell average.
     seed
-        Seeds the model ATE and the IWELBO.
+        Seeds the model ATE, the IWELBO and the half splits of the ceiling.
     chunk_rows
         Rows per streamed chunk of the data ATE.
 
@@ -236,6 +322,8 @@ def compute_ate_evaluation(
     """
     if data_cells not in ("all", "split"):
         raise CellpertInputError(f"data_cells must be 'all' or 'split', not {data_cells!r}.")
+    if estimator not in ("counterfactual", "prior"):
+        raise CellpertInputError(f"estimator must be 'counterfactual' or 'prior', not {estimator!r}.")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     ate_all = data_ate(screen, chunk_rows=chunk_rows)
@@ -243,50 +331,63 @@ def compute_ate_evaluation(
     labels = list(ate_all.columns)
     split_values = _split_values(screen, model, split)
     splits = label_splits(screen.labels, split_values, screen.control_labels).reindex(labels)
+    shown = iwelbo_split
+    # the data ATE alone (no model) is over all cells: there is nothing to score
+    held_out = data_cells == "split" and split_values is not None and model is not None
+    targets: dict[str, pd.DataFrame] = {}
+    if held_out:
+        for s in EVAL_SPLITS:
+            chosen = [c for c in labels if bool(splits.loc[c, s])]
+            if chosen:
+                targets[s] = _split_target(screen, split_values, s, chosen, chunk_rows)
+    target_shown = targets.get(shown, ate_all) if held_out else ate_all
     per = pd.DataFrame(
         {
             "split": splits["split"].astype(str),
             "n_cells": [float(ate_all.attrs["n_cells"].get(c, np.nan)) for c in labels],
+            "n_target_cells": [float(target_shown.attrs["n_cells"].get(c, np.nan)) for c in labels],
         },
         index=pd.Index(labels, name="label"),
     )
+    if held_out and shown in targets:
+        target_text = (
+            f"data ATE of the {shown} cells of each label vs {targets[shown].attrs['controls']} "
+            "(held-out cells: none was used for fitting)"
+        )
+    else:
+        target_text = "data ATE of all cells of each label vs all control cells (training cells included)"
     config: dict[str, Any] = {
         "data_cells": data_cells,
+        "target": target_text,
+        "target_split": shown if held_out and shown in targets else "all",
         "space": "perturbseq",
         "top_n": int(top_n),
         "n_labels": len(labels),
         "n_control_cells": int(ate_all.attrs["n_control_cells"]),
-        "data_ate": "all cells of each label vs all control cells"
-        if data_cells == "all"
-        else "per split: the label's cells in the split vs the split's control cells",
+        "n_target_control_cells": int(target_shown.attrs["n_control_cells"]),
+        "data_ate": target_text,
     }
     if model is None:
         config["timings"] = timings
         return AteEvaluation(
-            key=key or DATA_KEY, data_ate=ate_all, per_perturbation=per, summary=None, config=config
+            key=key or DATA_KEY, data_ate=target_shown, per_perturbation=per, summary=None, config=config
         )
 
     # --- model ATE for every label
     t0 = time.perf_counter()
-    pred = model_ate(
-        model,
-        labels,
-        control=screen.control_labels,
-        n_particles=n_particles,
-        n_groups=n_groups,
-        library_size=library_size,
-        control_library_sizes=screen.library_size[screen.is_control],
-        seed=seed,
-        gene_names=screen.gene_names,
-    )
+    pred = _predict(
+        screen, model, labels, split_values, estimator=estimator, n_particles=n_particles,
+        n_groups=n_groups, n_draws=n_draws, library_size=library_size, seed=seed,
+    )  # fmt: skip
     timings["model_ate_s"] = time.perf_counter() - t0
     config.update({f"model_ate_{k}": v for k, v in pred.config.items()})
     predictions: dict[str, pd.DataFrame] = {"model": pred.ate}
 
     # --- baselines from the training cells' data ATE
     baselines: dict[str, pd.DataFrame] = {}
+    train_cells = None
     if split_values is not None and (split_values == "train").any():
-        train_ate = _training_ate(screen, split_values, chunk_rows)
+        train_ate, train_cells = _training_ate(screen, split_values, chunk_rows)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", CellpertWarning)
             baselines["additive"] = additive_baseline(train_ate, labels, parts_of=screen.label_parts)
@@ -298,27 +399,28 @@ def compute_ate_evaluation(
         logger.warning("no training split: the additive and mean baselines are not computed")
     predictions.update(baselines)
 
-    # --- per-perturbation metrics (against the all-cells data ATE)
+    # --- per-perturbation metrics (against the shown split's target)
+    evaluated = list(target_shown.columns)
     for name, frame in predictions.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CellpertWarning)
-            values, _ = ate_metrics(ate_all, frame, top_n=top_n)
+            values, _ = ate_metrics(target_shown, frame, top_n=top_n)
         for m in METRIC_NAMES:
-            per[f"{name}_{m}"] = values[m].to_numpy()
+            per[f"{name}_{m}"] = values[m].reindex(labels).to_numpy()
+    per["model_interval_width"] = (pred.hi - pred.lo).mean(axis=0).reindex(labels).to_numpy()
 
     # --- summary: metric x split
     rows = [f"{name}_{m}" for name in predictions for m in METRIC_NAMES]
-    rows += [f"{name}_n_perturbations" for name in predictions] + ["iwelbo", "n_iwelbo_cells"]
+    rows += [f"{name}_n_perturbations" for name in predictions]
+    rows += ["ceiling_pearson", "ceiling_pearson_top", "expected_train_average_pearson"]
+    rows += ["iwelbo", "n_iwelbo_cells"]
     columns = [*EVAL_SPLITS, "all"]
     summary = pd.DataFrame(np.nan, index=pd.Index(rows, name="metric"), columns=pd.Index(columns, name="split"))
     for s in columns:
         chosen = labels if s == "all" else [c for c in labels if bool(splits.loc[c, s])]
         if not chosen:
             continue
-        if data_cells == "split" and s != "all":
-            target = _split_target(screen, split_values, s, chosen, chunk_rows)
-        else:
-            target = ate_all[chosen]
+        target = targets[s] if held_out and s in targets else ate_all[chosen]
         for name, frame in predictions.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CellpertWarning)
@@ -326,6 +428,22 @@ def compute_ate_evaluation(
             for m in METRIC_NAMES:
                 summary.loc[f"{name}_{m}", s] = values[m]
             summary.loc[f"{name}_n_perturbations", s] = values["n_perturbations"]
+
+    # --- noise ceiling of the shown target, and what the training-cell average should reach
+    if ceiling and held_out and shown in targets:
+        t0 = time.perf_counter()
+        cells, _ = _target_cells(screen, split_values, shown, evaluated)
+        kw = {"control": screen.control_labels, "top_n": top_n, "seed": seed, "chunk_rows": chunk_rows}
+        ceil = noise_ceiling(screen.counts, screen.labels, cells=cells, evaluated=evaluated, **kw)
+        summary.loc["ceiling_pearson", shown] = ceil["pearson"]
+        summary.loc["ceiling_pearson_top", shown] = ceil["pearson_top"]
+        config["noise_ceiling"] = ceil
+        if train_cells is not None:
+            train_ceil = noise_ceiling(screen.counts, screen.labels, cells=train_cells, evaluated=evaluated, **kw)
+            expected = float(np.sqrt(max(train_ceil["reliability"], 0) * max(ceil["reliability"], 0)))
+            summary.loc["expected_train_average_pearson", shown] = expected
+            config["training_reliability"] = train_ceil
+        timings["ceiling_s"] = time.perf_counter() - t0
 
     # --- held-out IWELBO
     iwelbo = float("nan")
@@ -350,7 +468,7 @@ def compute_ate_evaluation(
     )
     return AteEvaluation(
         key=key or "model",
-        data_ate=ate_all,
+        data_ate=target_shown,
         per_perturbation=per,
         summary=summary,
         model_ate=pred,
@@ -376,11 +494,14 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
     Writes
     ------
     ``varm["ate_data"]``
-        genes x labels DataFrame: the data ATE (perturbseq space) of each label over all
-        its cells vs all control cells; genes the evaluated screen lacks get NaN.
+        genes x labels DataFrame: the data ATE (perturbseq space) the evaluation scored
+        against, ``config["target"]`` (default: each label's cells of the shown split vs
+        that split's control cells; with ``data_cells="all"``: all cells); genes the
+        evaluated screen lacks get NaN.
     ``varm["ate_<key>"]``, ``varm["ate_<key>_lo"]``, ``varm["ate_<key>_hi"]``
-        The model's ATE and its 90% Monte Carlo interval (see
-        :func:`cellpert.evaluate.model_ate`), same layout (only with a model).
+        The model's ATE of every label and its 90% interval (counterfactual estimator:
+        posterior interval over the global latents; prior estimator: Monte Carlo
+        interval), same layout (only with a model).
     ``uns["cellpert"]["ate_metrics"][<key>]``
         ``per_perturbation`` (label x [``split``, ``n_cells``,
         ``<predictor>_<metric>``] DataFrame), ``summary`` (metric x split DataFrame; only
@@ -431,13 +552,16 @@ def evaluate_ate(
     layer: str | None = None,
     subset: str | None = None,
     drop_zero_genes: bool = False,
-    data_cells: Literal["all", "split"] = "all",
+    data_cells: Literal["all", "split"] = "split",
+    estimator: Estimator = "counterfactual",
     n_particles: int = 2500,
     n_groups: int = 50,
+    n_draws: int = 100,
     library_size: LibrarySize | float = "fixed",
     top_n: int = 20,
     split: str = "test",
     iwelbo_samples: int = 100,
+    ceiling: bool = True,
     seed: int = 0,
     write: bool = True,
 ) -> AteEvaluation:
@@ -460,10 +584,11 @@ def evaluate_ate(
         Output key (default: the run's model key, e.g. ``samsvae``, ``cpa_vae``).
     perturbation_key, control, layer, subset, drop_zero_genes
         Screen options when there is no ``model_dir`` (ignored otherwise).
-    data_cells, n_particles, n_groups, library_size, top_n, iwelbo_samples, seed
+    data_cells, estimator, n_particles, n_groups, n_draws, library_size, top_n, iwelbo_samples, ceiling, seed
         See :func:`compute_ate_evaluation`.
     split
-        Split the IWELBO is computed on (and that the command shows first).
+        The split shown: its cells give the IWELBO, its target the per-perturbation
+        table, ``varm["ate_data"]`` and the noise ceiling.
     write
         False: compute only.
 
@@ -511,12 +636,15 @@ def evaluate_ate(
         model,
         key=key,
         data_cells=data_cells,
+        estimator=estimator,
         n_particles=n_particles,
         n_groups=n_groups,
+        n_draws=n_draws,
         library_size=library_size,
         top_n=top_n,
         iwelbo_split=split,
         iwelbo_samples=iwelbo_samples,
+        ceiling=ceiling,
         seed=seed,
     )
     evaluation.config["timings"]["total_s"] = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from anndata import AnnData
 
 from cellpert._errors import CellpertInputError
 
-__all__ = ["DosageLabelsMixin", "LikelihoodMixin", "SplitMixin", "SplitName", "resolve_epochs", "seeded"]
+__all__ = ["CounterfactualMixin", "DosageLabelsMixin", "LikelihoodMixin", "SplitMixin", "SplitName", "resolve_epochs", "seeded"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,3 +224,92 @@ class LikelihoodMixin:
         """
         values = self._per_cell(adata, indices, split, n_samples, batch_size, seed, iw=True)
         return float(values.mean()) if return_mean else values
+
+
+class CounterfactualMixin:
+    """Counterfactual effects on real control cells, for the ATE protocol of cellpert.
+
+    Hooks a model provides: ``_encode_basal(tensors, sample) -> (B, K)`` (the latent of
+    control cells with no perturbation), ``_global_effect_draws(P) -> (P, T, K)`` latent
+    shifts of the perturbations under P draws of the global latents (None when the model
+    has none and decodes the dosage itself), ``module.counterfactual_rho(basal, rows,
+    effect) -> (P, R, C, G)`` and ``module.nb_theta`` (G,); plus :class:`DosageLabelsMixin`.
+    """
+
+    @torch.inference_mode()
+    def get_counterfactual_effects(
+        self,
+        dosage: Any,
+        *,
+        indices: Sequence[int],
+        n_draws: int = 100,
+        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
+        basal: Literal["sample", "mean"] = "sample",
+        cells_per_draw: int | None = 256,
+        seed: int = 0,
+        max_elements: float = 2e7,
+    ) -> dict[str, Any]:
+        """Counterfactual effects of dosage rows on the control cells ``indices``.
+
+        The cells are encoded once (a draw from q, or its mean with ``basal="mean"``);
+        for each of ``n_draws`` draws of the global latents each cell is decoded moved by
+        each row's latent shift and unmoved, at its own observed library size; counts
+        are sampled and transformed (``transform``, see
+        :func:`~cellpert.models._components.counterfactual_effect_sums`) and the per-cell
+        differences averaged over the cells. Each draw uses one group of a random
+        partition of the cells into groups of at most ``cells_per_draw`` (None: all cells
+        for every draw), so that the cost is ``n_draws · cells_per_draw · R · G``.
+
+        Returns
+        -------
+        ``effects``: (n_draws, R, G) float64, the cell-averaged effect of each row under
+        each draw; ``mc_var``: same shape, the Monte Carlo variance of that average
+        (variance of the per-cell differences / the draw's cells); ``n_cells``: C.
+        """
+        from cellpert.models._components import counterfactual_effect_sums
+
+        if basal not in ("sample", "mean"):
+            raise CellpertInputError(f"basal must be 'sample' or 'mean', not {basal!r}.")
+        if transform not in ("perturbseq", "counts", "rho"):
+            raise CellpertInputError(f"transform must be 'perturbseq', 'counts' or 'rho', not {transform!r}.")
+        self.module.eval()
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size == 0:
+            raise CellpertInputError("no control cells to build counterfactuals on; check the split.")
+        rows = torch.as_tensor(self._dosage_rows(dosage), device=self.device)
+        rows = torch.cat([torch.zeros_like(rows[:1]), rows], 0)  # row 0: control
+        n_draws = int(n_draws)
+        n_genes = self.summary_stats.n_vars
+        theta = self.module.nb_theta
+        with seeded(seed):
+            # the global draws first: the data loader below also draws from torch's RNG
+            effect = self._global_effect_draws(n_draws)
+            states, libraries = [], []
+            for t in self._eval_batches(None, idx, None):
+                states.append(self._encode_basal(t, basal == "sample"))
+                libraries.append(t["library_size"].reshape(-1))
+            zb, lib = torch.cat(states), torch.cat(libraries)
+            n_cells = zb.shape[0]
+            # each draw of the globals uses its own group of at most cells_per_draw cells
+            # (a random partition of the cells, cycled), so that the cost is bounded
+            order = torch.randperm(n_cells, device=zb.device)
+            n_groups = max(1, -(-n_cells // int(cells_per_draw or n_cells)))
+            groups = torch.tensor_split(order, n_groups)
+            per_cell = rows.shape[0] * n_genes * 4  # rho, counts, y and the difference
+            total = torch.zeros(n_draws, rows.shape[0] - 1, n_genes, dtype=torch.float64, device=self.device)
+            total_sq = torch.zeros_like(total)
+            used = torch.zeros(n_draws, dtype=torch.float64, device=self.device)
+            for p in range(n_draws):
+                cells = groups[p % n_groups]
+                step = int(max(1, max_elements // per_cell))
+                for c0 in range(0, len(cells), step):
+                    c = cells[c0 : c0 + step]
+                    rho = self.module.counterfactual_rho(zb[c], rows, None if effect is None else effect[p : p + 1])
+                    s, sq = counterfactual_effect_sums(rho, lib[c], theta, transform=transform)
+                    total[p] += s[0]
+                    total_sq[p] += sq[0]
+                used[p] = len(cells)
+        used = used[:, None, None]
+        mean = total / used
+        var = (total_sq / used - mean**2).clamp(min=0.0) * used / (used - 1).clamp(min=1)
+        return {"effects": mean.cpu().numpy(), "mc_var": (var / used).cpu().numpy(), "n_cells": n_cells}

@@ -23,10 +23,17 @@ the running mean of the epoch's training loss, refreshed every ``progress_every`
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
+
+import lightning.pytorch as pl
 import torch
 from scvi.module.base import LossOutput
 
-__all__ = ["EpochMetricsMixin"]
+__all__ = ["EpochMetricsMixin", "WarmupAwareEarlyStopping"]
+
+logger = logging.getLogger(__name__)
 
 
 class EpochMetricsMixin:
@@ -142,3 +149,76 @@ class EpochMetricsMixin:
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         self._flush_epoch("validation", self.val_metrics)
+
+
+class WarmupAwareEarlyStopping(pl.Callback):
+    """Early stopping and best-state restore on ``monitor``, after ``start_epoch``.
+
+    Parameters
+    ----------
+    monitor
+        Logged validation metric to minimise (``"elbo_validation"``: per-cell negative ELBO).
+    start_epoch
+        First epoch whose value counts (the end of the KL warm-up).
+    patience
+        Stop after this many validation checks without improvement (None: never stop).
+    min_delta
+        Improvement needed to reset the patience counter.
+    restore_best
+        Load the best state into the module when training ends.
+
+    Attributes
+    ----------
+    best_score, best_epoch, best_step
+        Best value seen after ``start_epoch``, its epoch and global step.
+    stopped_epoch
+        Epoch at which training was stopped early (None if it was not).
+    """
+
+    def __init__(
+        self,
+        monitor: str = "elbo_validation",
+        *,
+        start_epoch: int = 0,
+        patience: int | None = 45,
+        min_delta: float = 0.0,
+        restore_best: bool = True,
+    ) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.start_epoch = int(start_epoch)
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.restore_best = restore_best
+        self.best_score = math.inf
+        self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        self.stopped_epoch: int | None = None
+        self._wait = 0
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch < self.start_epoch:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if value < self.best_score - self.min_delta:
+            self.best_score = value
+            self.best_epoch = int(trainer.current_epoch)
+            self.best_step = int(trainer.global_step)
+            self._wait = 0
+            if self.restore_best:
+                self._state = copy.deepcopy(pl_module.module.state_dict())
+            return
+        self._wait += 1
+        if self.patience is not None and self._wait >= self.patience:
+            trainer.should_stop = True
+            self.stopped_epoch = int(trainer.current_epoch)
+            logger.info("early stopping at epoch %d (best %s at epoch %s)", self.stopped_epoch, self.monitor, self.best_epoch)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.restore_best and self._state is not None:
+            pl_module.module.load_state_dict(self._state)
+            logger.info("restored the state of epoch %s (%s = %.4f)", self.best_epoch, self.monitor, self.best_score)

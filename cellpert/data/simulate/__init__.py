@@ -13,10 +13,10 @@ from collections.abc import Callable
 import anndata as ad
 
 from cellpert.data.simulate._comparative import simulate_comparative
-from cellpert.data.simulate._sams import simulate_sams
+from cellpert.data.simulate._sams import sams_true_ate, simulate_sams
 from cellpert.data.simulate._sparse_shift import simulate_sparse_shift
 
-__all__ = ["SIMULATORS", "simulate_comparative", "simulate_sams", "simulate_sparse_shift"]
+__all__ = ["SIMULATORS", "sams_true_ate", "simulate_comparative", "simulate_sams", "simulate_sparse_shift"]
 
 #: The simulators by the name the CLI and the ground truth (``simulator``) use.
 SIMULATORS: dict[str, Callable[..., ad.AnnData]] = {

@@ -360,6 +360,11 @@ def _names(prefix: str, n: int, width: int) -> pd.Index:
     return pd.Index([f"{prefix}{i:0{width}d}" for i in range(n)])
 
 
+def gene_names(n_genes: int) -> pd.Index:
+    """The simulators' gene names, ``gene0000``…"""
+    return _names("gene", n_genes, 4)
+
+
 def build_adata(
     *,
     counts: sp.csr_matrix,
@@ -406,7 +411,7 @@ def build_adata(
     frame[DEFAULT_SPLIT_KEY] = pd.Categorical(np.asarray(split, dtype=object), categories=list(SPLIT_NAMES))
     for key, values in (obs or {}).items():
         frame[key] = np.asarray(values)
-    adata = ad.AnnData(X=counts, obs=frame, var=pd.DataFrame(index=_names("gene", n_genes, 4)))
+    adata = ad.AnnData(X=counts, obs=frame, var=pd.DataFrame(index=gene_names(n_genes)))
     for key, value in obsm.items():
         adata.obsm[key] = np.ascontiguousarray(value, dtype=np.float32)
     record_screen_keys(adata, perturbation_key=PERTURBATION_KEY, control=CONTROL_LABEL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from cellpert.models._components._likelihood import (
     NBDecoder,
     chunked_predictive_mean,
+    counterfactual_effect_sums,
     log_mean_counts,
     nb_log_prob_log_mean,
     nb_sample,
@@ -31,6 +32,7 @@ __all__ = [
     "MultiInputLinear",
     "NBDecoder",
     "chunked_predictive_mean",
+    "counterfactual_effect_sums",
     "ResidualMLP",
     "bernoulli_log_prob",
     "log_mean_counts",

@@ -13,6 +13,7 @@ from cellpert.models._components._nn import ResidualMLP
 __all__ = [
     "NBDecoder",
     "chunked_predictive_mean",
+    "counterfactual_effect_sums",
     "log_mean_counts",
     "nb_log_prob_log_mean",
     "nb_sample",
@@ -156,3 +157,34 @@ def chunked_predictive_mean(
         total = chunk_sum if total is None else total.add_(chunk_sum)
         done += c
     return (total / n_samples).to(torch.float32)
+
+
+def counterfactual_effect_sums(
+    rho: torch.Tensor, library: torch.Tensor, theta: torch.Tensor, *, transform: str = "perturbseq"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over cells of per-cell counterfactual effects and of their squares.
+
+    Parameters
+    ----------
+    rho
+        (P, R + 1, C, G) normalised expression of C cells under R + 1 rows, row 0 being
+        control.
+    library
+        (C,) the cells' library sizes.
+    theta
+        (G,) NB inverse dispersion.
+    transform
+        ``"perturbseq"``: counts ``x ~ NB(ℓ_c ρ, θ)`` then ``log2(1e4 x / Σ x + 1)``;
+        ``"counts"``: the counts; ``"rho"``: ``log2(1e4 ρ + 1)`` (no count noise).
+
+    Returns
+    -------
+    Two (P, R, G) float64 tensors: Σ_c (y_rc − y_0c) and Σ_c (y_rc − y_0c)².
+    """
+    if transform == "rho":
+        y = torch.log2(1e4 * rho + 1.0)
+    else:
+        x = nb_sample(library.reshape(1, 1, -1, 1) * rho, theta)
+        y = perturbseq_transform(x) if transform == "perturbseq" else x
+    diff = (y[:, 1:] - y[:, :1]).double()
+    return diff.sum(2), (diff**2).sum(2)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -21,14 +23,18 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
 from cellpert.evaluate._identifiability import ica_masks
-from cellpert.models._base import DosageLabelsMixin, SplitMixin, SplitName, resolve_epochs, seeded
-from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
-from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
-from cellpert.models.samsvae._trainingplan import (
-    BestStateCallback,
-    PerturbationTrainingPlan,
-    TemperatureCallback,
+from cellpert.models._base import (
+    CounterfactualMixin,
+    DosageLabelsMixin,
+    SplitMixin,
+    SplitName,
+    resolve_epochs,
+    seeded,
 )
+from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
+from cellpert.models._trainingplan import WarmupAwareEarlyStopping
+from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
+from cellpert.models.samsvae._trainingplan import PerturbationTrainingPlan, TemperatureCallback
 
 __all__ = ["CPAVAE", "SAMSVAE", "ConditionalVAE"]
 
@@ -37,10 +43,13 @@ logger = logging.getLogger(__name__)
 #: How evaluation draws the global latents (E, M): one draw per importance sample, shared
 #: by all cells (MODELS.md §6), or a single draw for every sample and cell.
 GlobalDraws = Literal["per_sample", "single"]
+#: Step cap of ``train()`` when neither ``max_steps`` nor ``max_epochs`` is given (early
+#: stopping usually ends training sooner).
+DEFAULT_MAX_STEPS = 30_000
 
 
 
-class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Shared model code of SAMS-VAE, CPA-VAE and the conditional VAE."""
 
     _module_cls = PerturbationVAEModule
@@ -169,6 +178,9 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         gradient_clip_val: float | None = None,
         check_val_every_n_epoch: int = 1,
         restore_best: bool = True,
+        early_stopping: bool = True,
+        early_stopping_patience: int | None = None,
+        max_time: float | None = None,
         seed: int | None = None,
         mask_temperature_final: float | None = None,
         mask_logits_lr: float | None = None,
@@ -182,9 +194,11 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         Parameters
         ----------
         max_steps
-            Number of optimisation steps (takes precedence over ``max_epochs``).
+            Cap on the optimisation steps (takes precedence over ``max_epochs``). With
+            neither, training runs until early stopping, at most
+            :data:`DEFAULT_MAX_STEPS` steps (the paper's Norman run: 30,000).
         max_epochs
-            Number of epochs when ``max_steps`` is None (default: scvi-tools' heuristic).
+            Cap on the epochs when ``max_steps`` is None.
         batch_size
             Minibatch size (paper: 512).
         lr, weight_decay
@@ -196,6 +210,15 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         restore_best
             Keep the module state with the best validation loss and restore it at the end
             (paper behaviour); needs validation cells.
+        early_stopping
+            Stop once the validation loss has not improved for ``early_stopping_patience``
+            validation checks (cellpert's default; the paper trains a fixed number of
+            steps: pass ``early_stopping=False`` with ``max_steps``). Needs validation cells.
+        early_stopping_patience
+            Validation checks without improvement before stopping (default: enough checks
+            to span 1,000 steps, and at least 10).
+        max_time
+            Cap on the training wall time, in seconds (None: no cap).
         seed
             Seeds data order and Monte Carlo draws (default: the model's ``seed``); same
             seed, same result on CPU.
@@ -216,13 +239,22 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         seed = self.seed if seed is None else seed
         train_idx = self.split_indices("train")
         val_idx = self.split_indices("val")
+        if max_steps is None and max_epochs is None:
+            max_steps = DEFAULT_MAX_STEPS
         max_epochs, total_steps = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
 
         callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
-        self._best_callback = None
-        if restore_best and len(val_idx):
-            self._best_callback = BestStateCallback("validation_loss")
-            callbacks.append(self._best_callback)
+        self._stopper = None
+        if len(val_idx) and (restore_best or early_stopping):
+            if early_stopping_patience is None:
+                early_stopping_patience = max(10, math.ceil(1000 / (steps_per_epoch * check_val_every_n_epoch)))
+            self._stopper = WarmupAwareEarlyStopping(
+                "validation_loss",
+                patience=int(early_stopping_patience) if early_stopping else None,
+                restore_best=restore_best,
+            )
+            callbacks.append(self._stopper)
         if mask_temperature_final is not None:
             callbacks.append(
                 TemperatureCallback(self.module.mask_temperature, mask_temperature_final, total_steps)
@@ -233,8 +265,11 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         plan.update(plan_kwargs or {})
         if gradient_clip_val is not None:
             trainer_kwargs["gradient_clip_val"] = gradient_clip_val
+        if max_time is not None:
+            trainer_kwargs["max_time"] = datetime.timedelta(seconds=float(max_time))
         trainer_kwargs.setdefault("enable_progress_bar", False)
         pl.seed_everything(seed, workers=True, verbose=False)
+        start = time.perf_counter()
         out = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
@@ -247,9 +282,22 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
             callbacks=callbacks,
             **trainer_kwargs,
         )
-        if self._best_callback is not None:
-            self.best_step_ = self._best_callback.best_step
-            self.best_validation_loss_ = self._best_callback.best_score
+        wall = time.perf_counter() - start
+        trainer = getattr(self, "trainer", None)
+        steps = int(trainer.global_step) if trainer is not None else total_steps
+        self.training_summary_ = {
+            "steps": steps,
+            "epochs": int(trainer.current_epoch) if trainer is not None else max_epochs,
+            "wall_time_s": round(wall, 3),
+            "steps_per_s": round(steps / wall, 3) if wall > 0 else None,
+            "max_steps": max_steps,
+            "stopped_early": bool(self._stopper is not None and self._stopper.stopped_epoch is not None),
+            "patience": early_stopping_patience if early_stopping else None,
+        }
+        if self._stopper is not None:
+            self.best_step_ = self._stopper.best_step
+            self.best_validation_loss_ = self._stopper.best_score
+            self.training_summary_.update(best_step=self.best_step_, best_validation_loss=float(self.best_validation_loss_))
         self.module.eval()
         return out
 
@@ -525,6 +573,14 @@ class _PerturbationVAE(DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin,
         return np.concatenate(out) if out else np.zeros(0)
 
     # ------------------------------------------------------------ prediction
+    def _encode_basal(self, tensors: dict[str, torch.Tensor], sample: bool) -> torch.Tensor:
+        """Counterfactual hook: basal states of control cells, q(z^b | x̃, D = 0)."""
+        return self.module.encode_basal(tensors[REGISTRY_KEYS.X_KEY], sample=sample)
+
+    def _global_effect_draws(self, n_draws: int) -> torch.Tensor | None:
+        """Counterfactual hook: (P, T, K) draws of E ⊙ M from q (None: the conditional VAE)."""
+        return self.module.sample_globals(n_draws)["effect"]
+
     @torch.inference_mode()
     def get_predictive_means(
         self,

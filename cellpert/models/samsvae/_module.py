@@ -501,3 +501,39 @@ class PerturbationVAEModule(BaseModuleClass):
             lambda mu: nb_sample(mu, self.decoder.theta),
             n_samples=n_samples, library_size=library_size, transform=transform, chunk_size=chunk_size,
         )  # fmt: skip
+
+    @property
+    def nb_theta(self) -> torch.Tensor:
+        """NB inverse dispersion θ (G,)."""
+        return self.decoder.theta
+
+    @torch.inference_mode()
+    def encode_basal(self, x: torch.Tensor, *, sample: bool = True) -> torch.Tensor:
+        """Basal states of control cells: z^b ~ q(z^b | x̃, D = 0) (or its mean): (B, K).
+
+        With ``D = 0`` the offset input is zero, so the encoder does not depend on the
+        global latents. For the conditional VAE this is ``q(z | x̃, D = 0)``.
+        """
+        dosage = torch.zeros(x.shape[0], self.n_perturbations, device=x.device, dtype=x.dtype)
+        x_std = self.standardise(x)
+        if self.variant == "cvae" or self.encoder_input != "offset":
+            h = self.encoder(x_std, dosage if self.encoder_input == "dosage" else None)
+        else:
+            h = self.encoder(x_std, torch.zeros(x.shape[0], self.n_latent, device=x.device, dtype=x.dtype))
+        loc, scale = self.encoder_head(h)
+        # basal state z^b_i ~ q(z^b_i | x̃_i, D_i = 0)
+        return loc + scale * torch.randn_like(loc) if sample else loc
+
+    def counterfactual_rho(
+        self, basal: torch.Tensor, rows: torch.Tensor, effect: torch.Tensor | None
+    ) -> torch.Tensor:
+        """ρ of control cells moved by dosage rows: (P, R, C, G) (P = 1 without globals).
+
+        ``z = z^b_c + D_r (E_p ⊙ M_p)`` for each global draw p (``effect``: (P, T, K));
+        the conditional VAE decodes ``[z^b_c, D_r]``.
+        """
+        if effect is None:
+            side = rows[:, None, :].expand(-1, basal.shape[0], -1)
+            return self.decoder(basal.expand(rows.shape[0], -1, -1), side)[None]
+        shift = torch.matmul(rows, effect)  # (P, R, K)
+        return self.decoder(basal[None, None] + shift[:, :, None, :])

@@ -6,16 +6,12 @@ what differs lives here:
 
 - the validation loss scales each perturbation's global terms by ``1 / N_t`` with
   ``N_t`` counted on the validation split (the training loss uses the training split);
-- :class:`BestStateCallback` keeps the module state with the best validation loss in
-  memory and restores it when training ends;
 - :class:`TemperatureCallback` optionally anneals the relaxed-Bernoulli temperature.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +19,7 @@ from scvi.train import TrainingPlan
 
 from cellpert.models._trainingplan import EpochMetricsMixin
 
-__all__ = ["BestStateCallback", "PerturbationTrainingPlan", "TemperatureCallback"]
+__all__ = ["PerturbationTrainingPlan", "TemperatureCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,46 +59,6 @@ class PerturbationTrainingPlan(EpochMetricsMixin, TrainingPlan):
         """Validation step: the loss with ``split="val"``."""
         _, _, scvi_loss = self.forward(batch, loss_kwargs={**self.loss_kwargs, "split": "val"})
         self.record_loss(scvi_loss, "validation")
-
-
-class BestStateCallback(pl.Callback):
-    """Keep the module state with the lowest ``monitor`` and restore it at the end.
-
-    Attributes
-    ----------
-    best_score
-        Best monitored value seen.
-    best_step
-        Global step at which it was seen.
-    """
-
-    def __init__(self, monitor: str = "validation_loss") -> None:
-        super().__init__()
-        self.monitor = monitor
-        self.best_score = math.inf
-        self.best_step: int | None = None
-        self.best_epoch: int | None = None
-        self._state: dict[str, torch.Tensor] | None = None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            return
-        value = float(value)
-        if value < self.best_score:
-            self.best_score = value
-            self.best_step = int(trainer.global_step)
-            self.best_epoch = int(trainer.current_epoch)
-            self._state = copy.deepcopy(pl_module.module.state_dict())
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._state is not None:
-            pl_module.module.load_state_dict(self._state)
-            logger.info(
-                "restored the module state of step %d (best %s = %.4f)", self.best_step, self.monitor, self.best_score
-            )
 
 
 class TemperatureCallback(pl.Callback):

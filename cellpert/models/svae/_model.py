@@ -19,7 +19,15 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, PerturbationScreen, detect_control_labels
-from cellpert.models._base import LikelihoodMixin, SplitMixin, SplitName, resolve_epochs, seeded
+from cellpert.models._base import (
+    CounterfactualMixin,
+    DosageLabelsMixin,
+    LikelihoodMixin,
+    SplitMixin,
+    SplitName,
+    resolve_epochs,
+    seeded,
+)
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models.svae._module import LABEL_KEY, LIBRARY_KEY, Prior, SVAEModule
 from cellpert.models.svae._trainingplan import SVAETrainingPlan, WarmupAwareEarlyStopping
@@ -104,7 +112,7 @@ def _resolve_controls(
         return []
 
 
-class SVAE(LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (MODELS.md §4).
 
     One label a per cell; ``z ~ N(m ⊙ μ_a, I)`` with hard Gumbel-sigmoid masks m from
@@ -521,6 +529,89 @@ class SVAE(LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClas
                 "control_labels": list(self.control_labels_),
             }
         return out
+
+    # ------------------------------------------------------------ prediction
+    @property
+    def perturbation_names(self) -> list[str]:
+        """The non-control labels: the columns of the dosage rows of the ATE protocol."""
+        return [lab for lab in self.labels_ if lab not in set(self.control_labels_)]
+
+    def dosage_from_labels(self, labels: Sequence[str], *, control: Sequence[str] = ("control", "ctrl")) -> np.ndarray:
+        """One-hot rows over :attr:`perturbation_names` for labels.
+
+        sVAE treats every label, a combination too, as its own perturbation: a label the
+        model knows gets its own column. A combination ``"A+B"`` the model has not seen is
+        predicted additively in the latent space, from the shifts of its parts (each a
+        known label). Control labels give a zero row.
+        """
+        col = {n: j for j, n in enumerate(self.perturbation_names)}
+        known = [lab for lab in labels if str(lab) in col or str(lab) in set(control) | set(self.control_labels_)]
+        rows = super().dosage_from_labels([lab for lab in labels if lab not in known], control=control)
+        out = np.zeros((len(labels), len(col)), dtype=np.float32)
+        it = iter(rows)
+        for i, lab in enumerate(labels):
+            if lab in col:
+                out[i, col[lab]] = 1.0
+            elif lab not in known:
+                out[i] = next(it)
+        return out
+
+    def _shifts(self) -> torch.Tensor:
+        """Latent shift ``m_a ⊙ μ_a`` of each perturbation (rows of :attr:`perturbation_names`)."""
+        self._require_shift()
+        rows = [self.labels_.index(lab) for lab in self.perturbation_names]
+        m = self.module
+        mask = m.frozen_mask if bool(m.mask_frozen) else (m.log_alpha > 0).to(m.shift_mean.dtype)
+        return (mask * m.shift_mean)[rows]
+
+    def _encode_basal(self, tensors: dict[str, torch.Tensor], sample: bool) -> torch.Tensor:
+        """Counterfactual hook: the latents of control cells, from q(z | x)."""
+        inf = self.module.inference(tensors[REGISTRY_KEYS.X_KEY])
+        return inf["z"] if sample else inf["qz_m"]
+
+    def _global_effect_draws(self, n_draws: int) -> torch.Tensor:
+        """Counterfactual hook: the shifts, the same for every draw (μ and the masks are
+        point estimates; masks thresholded at σ(log_alpha) = 0.5)."""
+        return self._shifts().expand(int(n_draws), -1, -1)
+
+    @torch.inference_mode()
+    def get_predictive_means(
+        self,
+        dosage: Any,
+        *,
+        n_samples: int = 2500,
+        library_size: float | np.ndarray = 1e4,
+        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> np.ndarray:
+        """Prior predictive mean per dosage row: ``z ~ N(D_r shift, I)``, ``x ~ NB(ℓ ρ(z), θ)``.
+
+        The paper protocol's model ATE (MODELS.md §6) for sVAE: the learned shifts of the
+        rows' labels (thresholded masks), basal noise from the prior.
+
+        Returns
+        -------
+        (R, G) float32 array.
+        """
+        from cellpert.models._components import chunked_predictive_mean, nb_sample
+
+        self.module.eval()
+        d = torch.as_tensor(self._dosage_rows(dosage), device=self.device)
+        shift = d @ self._shifts()
+        lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
+        chunk_size = self._predictive_chunk_size(d.shape[0], n_samples, chunk_size)
+
+        def draw_rho(c: int) -> torch.Tensor:
+            # latent z ~ N(D_r shift, I), independently per particle and row
+            return self.module.decode_rho(shift + torch.randn(c, *shift.shape, device=shift.device))
+
+        with seeded(seed):
+            out = chunked_predictive_mean(
+                draw_rho, lambda mu: nb_sample(mu, self.module.theta),
+                n_samples=n_samples, library_size=lib, transform=transform, chunk_size=chunk_size,
+            )  # fmt: skip
+        return out.cpu().numpy()
 
     def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``(x, ℓ, label)`` for :meth:`SVAEModule.log_weights` (masks thresholded or frozen)."""

@@ -250,6 +250,22 @@ class SVAEModule(BaseModuleClass):
         log_rho = torch.log_softmax(self.decoder_out(self.decoder_body(z)), dim=-1)
         return {"log_mu": log_mean_counts(library, log_rho), "log_theta": self.log_theta, "pz_m": pz_m}
 
+    @property
+    def nb_theta(self) -> torch.Tensor:
+        """NB inverse dispersion θ (G,)."""
+        return self.theta
+
+    def decode_rho(self, z: torch.Tensor) -> torch.Tensor:
+        """ρ = softmax(f(z)) for latents of any leading shape (..., K) -> (..., G)."""
+        flat = z.reshape(-1, z.shape[-1])
+        rho = torch.softmax(self.decoder_out(self.decoder_body(flat)), dim=-1)
+        return rho.reshape(*z.shape[:-1], rho.shape[-1])
+
+    def counterfactual_rho(self, basal: torch.Tensor, rows: torch.Tensor, effect: torch.Tensor) -> torch.Tensor:
+        """ρ of cells' latents ``z_c + D_r shift`` (``effect``: (P, T, K) shifts): (P, R, C, G)."""
+        shift = torch.matmul(rows, effect)  # (P, R, K)
+        return self.decode_rho(basal[None, None] + shift[:, :, None, :])
+
     # ------------------------------------------------------------------- loss
     def sparsity_penalty(self) -> torch.Tensor:
         """sVAE: ``λ · mean σ(log_alpha)``; sVAE+: ``−Σ log Beta(σ(log_alpha); 1, K_beta)``.

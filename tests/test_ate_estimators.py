@@ -1,0 +1,272 @@
+"""The default ATE evaluation: counterfactual estimator, posterior interval, coverage,
+noise ceiling, held-out scoring, sVAE ATEs, early stopping (docs/models.md, "Evaluation")."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cellpert.data import load_screen
+from cellpert.data.simulate import sams_true_ate, simulate_sams
+from cellpert.evaluate import _evaluate as evaluate_module
+from cellpert.evaluate import (
+    compute_ate_evaluation,
+    counterfactual_ate,
+    data_ate,
+    interval_coverage,
+    noise_ceiling,
+    posterior_interval,
+)
+from cellpert.models import CPAVAE, SAMSVAE, SVAE, ConditionalVAE, prepare_anndata
+from cellpert.models.samsvae._module import DOSAGE_KEY
+from cellpert.models.svae import prepare_labels
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def sim_screen():
+    adata = simulate_sams(
+        seed=1, n_perturbations=5, n_latent=3, n_genes=30, n_combinations=2,
+        n_cells_per_perturbation=(40, 10, 20), n_control_cells=(60, 15, 30),
+    )  # fmt: skip
+    return load_screen(adata, warn=False)
+
+
+def _setup(screen, cls):
+    from cellpert.data import read_split
+
+    read_split(screen, "cellpert_split")
+    adata = prepare_anndata(screen)
+    cls.setup_anndata(adata, layer=screen.layer)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def cpa(sim_screen):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = _setup(sim_screen, CPAVAE)
+        model = CPAVAE(adata, n_latent=3, n_hidden=16, seed=0)
+        model.train(max_steps=150, lr=2e-2, batch_size=128, enable_model_summary=False)
+    return model
+
+
+# ----------------------------------------------------------- counterfactual estimator
+@pytest.mark.parametrize("cls", [CPAVAE, ConditionalVAE])
+def test_counterfactual_effects_match_a_direct_computation(sim_screen, cls):
+    """basal='mean', transform='rho': every draw's effect is the cells' average of
+    log2(1e4 ρ(z^b + shift) + 1) − log2(1e4 ρ(z^b) + 1), computed here by hand."""
+    adata = _setup(sim_screen, cls)
+    model = cls(adata, n_latent=3, n_hidden=8, seed=0)
+    with torch.no_grad():  # an untrained model with non-trivial embeddings
+        if hasattr(model.module, "embedding_loc"):
+            model.module.embedding_loc.normal_(0, 1.0)
+    ctrl = np.flatnonzero(sim_screen.is_control)[:17]
+    labels = ["P000", "P001+P002"]
+    dosage = model.dosage_from_labels(labels, control=sim_screen.control_labels)
+    out = model.get_counterfactual_effects(
+        dosage, indices=ctrl, n_draws=3, transform="rho", basal="mean", seed=5, cells_per_draw=None
+    )
+    m = model.module
+    x = torch.as_tensor(sim_screen.counts[ctrl].toarray(), dtype=torch.float32)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        effect = m.sample_globals(3)["effect"]
+        if cls is CPAVAE:
+            h = m.encoder(m.standardise(x), torch.zeros(len(ctrl), 3))
+        else:
+            h = m.encoder(m.standardise(x), torch.zeros(len(ctrl), dosage.shape[1]))
+        zb = m.encoder_head(h)[0]
+        expected = np.zeros((3, len(labels), x.shape[1]))
+        for p in range(3):
+            for r in range(len(labels)):
+                d = torch.as_tensor(dosage[r : r + 1])
+                if cls is CPAVAE:
+                    moved = m.decoder(zb + d @ effect[p])
+                    base = m.decoder(zb)
+                else:
+                    moved = m.decoder(zb, d.expand(len(ctrl), -1))
+                    base = m.decoder(zb, torch.zeros_like(d).expand(len(ctrl), -1))
+                expected[p, r] = (torch.log2(1e4 * moved + 1) - torch.log2(1e4 * base + 1)).mean(0).numpy()
+    np.testing.assert_allclose(out["effects"], expected, rtol=1e-4, atol=1e-5)
+    assert out["n_cells"] == len(ctrl)
+    # the per-draw Monte Carlo variance is the spread over cells / C
+    assert out["mc_var"].shape == expected.shape and (out["mc_var"] > 0).any()
+
+
+def test_counterfactual_ate_is_seeded_and_close_to_the_truth(sim_screen, cpa):
+    labels = ["P000", "P003", "P000+P001"]
+    ctrl = np.flatnonzero(sim_screen.is_control & (cpa.split_values() == "train"))
+    kw = {"control": sim_screen.control_labels, "cells": ctrl, "n_draws": 20, "gene_names": sim_screen.gene_names}
+    a = counterfactual_ate(cpa, labels, seed=3, **kw)
+    b = counterfactual_ate(cpa, labels, seed=3, **kw)
+    pd.testing.assert_frame_equal(a.ate, b.ate)
+    assert a.config["estimator"] == "counterfactual" and a.config["n_basal_cells"] == len(ctrl)
+    assert (a.lo.to_numpy() <= a.ate.to_numpy() + 1e-12).all() and (a.hi.to_numpy() >= a.ate.to_numpy() - 1e-12).all()
+    truth = sams_true_ate(sim_screen.adata, labels, n_cells=4000)
+    r = np.corrcoef(truth.to_numpy().ravel(), a.ate.loc[truth.index].to_numpy().ravel())[0, 1]
+    assert r > 0.8, r
+    with pytest.raises(Exception, match="n_draws"):
+        counterfactual_ate(cpa, labels, **{**kw, "n_draws": 1})
+
+
+def test_true_ate_of_the_simulator_matches_a_large_simulated_data_ate():
+    big = simulate_sams(
+        seed=2, n_perturbations=3, n_latent=3, n_genes=20, n_cells_per_perturbation=(3000, 0, 0),
+        n_control_cells=(3000, 0, 0),
+    )  # fmt: skip
+    screen = load_screen(big, warn=False)
+    observed = data_ate(screen)
+    truth = sams_true_ate(big, list(observed.columns), n_cells=20000)
+    diff = np.abs(observed.to_numpy() - truth.loc[observed.index].to_numpy())
+    assert diff.max() < 0.15, diff.max()  # sampling error of 3,000 cells per group
+    assert np.corrcoef(observed.to_numpy().ravel(), truth.to_numpy().ravel())[0, 1] > 0.99
+
+
+# ---------------------------------------------------------------- intervals, coverage
+def test_posterior_interval_removes_the_monte_carlo_spread():
+    rng = np.random.default_rng(0)
+    post_sd, mc_sd, n = 1.0, 2.0, 4000
+    draws = rng.normal(0, post_sd, (n, 50)) + rng.normal(0, mc_sd, (n, 50))
+    mean, lo, hi = posterior_interval(draws, np.full((n, 50), mc_sd**2), interval=0.9)
+    half = (hi - lo) / 2
+    np.testing.assert_allclose(half.mean(), 1.645 * post_sd, rtol=0.05)
+    _, lo_raw, hi_raw = posterior_interval(draws, None, interval=0.9)
+    np.testing.assert_allclose(((hi_raw - lo_raw) / 2).mean(), 1.645 * np.hypot(post_sd, mc_sd), rtol=0.05)
+
+
+def test_interval_coverage_on_a_known_case():
+    idx = pd.Index([f"g{i}" for i in range(4)])
+    truth = pd.DataFrame({"A": [0.0, 1.0, 2.0, 3.0], "B": [0.0, 0.0, 0.0, 0.0]}, index=idx)
+    lo = pd.DataFrame({"A": [-1.0, 1.5, 1.0, 2.0], "B": [-1.0, 0.5, -1.0, -1.0]}, index=idx)
+    hi = lo + 2.0
+    out = interval_coverage(truth, lo, hi)
+    # A: inside, outside (1 < 1.5), inside, inside; B: inside, outside, inside, inside
+    assert out["coverage"] == pytest.approx(6 / 8)
+    assert out["per_label"].to_dict() == {"A": 0.75, "B": 0.75}
+    assert out["mean_width"] == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------- noise ceiling
+def _ceiling_screen(effect: float, noise: float, seed: int = 0, n_genes: int = 30):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["control", "A", "B", "C"], 200)
+    base = rng.uniform(5, 50, size=n_genes)
+    shifts = {"control": 0.0, "A": 1.0, "B": -1.0, "C": 0.5}
+    rows = []
+    for lab in labels:
+        mean = base * np.exp(effect * shifts[lab] * np.sign(np.arange(n_genes) % 3 - 1))
+        rows.append(rng.poisson(rng.gamma(1 / noise**2, mean * noise**2)) if noise > 0 else np.round(mean))
+    return sp.csr_matrix(np.asarray(rows, dtype=np.float32)), labels
+
+
+def test_noise_ceiling_is_one_without_noise_and_near_zero_without_effects():
+    counts, labels = _ceiling_screen(effect=1.0, noise=0.0)
+    cells = np.ones(len(labels), dtype=bool)
+    exact = noise_ceiling(counts, labels, control="control", cells=cells, top_n=5)
+    assert exact["pearson"] == pytest.approx(1.0) and exact["pearson_top"] == pytest.approx(1.0)
+    counts, labels = _ceiling_screen(effect=0.0, noise=0.5, n_genes=300)
+    null = noise_ceiling(counts, labels, control="control", cells=cells, top_n=5, n_repeats=5)
+    # the labels of one half share its control cells, so a single split's r is noisy
+    assert abs(null["r_half"]) < 0.12 and null["pearson"] < 0.5
+    counts, labels = _ceiling_screen(effect=0.3, noise=0.5)
+    some = noise_ceiling(counts, labels, control="control", cells=cells, top_n=5, n_repeats=5)
+    # Spearman–Brown by hand
+    assert some["reliability"] == pytest.approx(2 * some["r_half"] / (1 + some["r_half"]))
+    assert some["pearson"] == pytest.approx(np.sqrt(some["reliability"]))
+    assert null["pearson"] < some["pearson"] < 1.0
+
+
+# ------------------------------------------------------------------- honest scoring
+def test_default_scoring_never_uses_a_cell_twice(sim_screen, cpa, monkeypatch):
+    """Under a random cell split the test target uses test cells only, the baselines
+    training cells only, and the counterfactual encodes training control cells."""
+    seen: list[np.ndarray] = []
+    real = evaluate_module.data_ate
+
+    def spy(screen, *, cells=None, **kw):
+        seen.append(np.zeros(screen.n_cells, bool) if cells is None else np.asarray(cells, dtype=bool))
+        return real(screen, cells=cells, **kw)
+
+    monkeypatch.setattr(evaluate_module, "data_ate", spy)
+    encoded: list[np.ndarray] = []
+    real_cf = type(cpa).get_counterfactual_effects
+
+    def spy_cf(self, dosage, *, indices, **kw):
+        encoded.append(np.asarray(indices))
+        return real_cf(self, dosage, indices=indices, **kw)
+
+    monkeypatch.setattr(type(cpa), "get_counterfactual_effects", spy_cf)
+    ev = compute_ate_evaluation(sim_screen, cpa, n_draws=5, iwelbo_samples=5, ceiling=False)
+    split = cpa.split_values()
+    test_target = next(c for c in seen if c.any() and (split[c] == "test").all())
+    train_base = next(c for c in seen if c.any() and (split[c] == "train").all())
+    assert not (test_target & train_base).any()
+    assert (split[encoded[0]] == "train").all() and sim_screen.is_control[encoded[0]].all()
+    assert ev.config["target_split"] == "test" and "test cells" in ev.config["target"]
+    # the table, the key and the summary use the same target
+    expected = real(sim_screen, cells=test_target)
+    pd.testing.assert_frame_equal(ev.data_ate, expected[ev.data_ate.columns], check_exact=False)
+    assert ev.per_perturbation["n_target_cells"].max() == 20
+
+
+def test_ceiling_and_expected_train_average_are_reported(sim_screen, cpa):
+    ev = compute_ate_evaluation(sim_screen, cpa, n_draws=5, iwelbo_samples=5)
+    s = ev.summary
+    assert 0 < s.loc["ceiling_pearson", "test"] <= 1
+    assert 0 < s.loc["expected_train_average_pearson", "test"] <= s.loc["ceiling_pearson", "test"] + 1e-9
+    assert np.isnan(s.loc["ceiling_pearson", "train"])
+    # the paper's protocol stays available
+    paper = compute_ate_evaluation(
+        sim_screen, cpa, data_cells="all", estimator="prior", n_particles=50, n_groups=5, iwelbo_samples=5
+    )
+    assert paper.config["model_ate_estimator"] == "prior" and paper.config["target_split"] == "all"
+    assert paper.data_ate.shape[1] == len(paper.per_perturbation)
+
+
+# ----------------------------------------------------------------------- sVAE ATEs
+def test_svae_has_ates_through_its_learned_shifts(sim_screen):
+    from cellpert.data import read_split
+
+    read_split(sim_screen, "cellpert_split")
+    adata = prepare_anndata(sim_screen)
+    prepare_labels(sim_screen)
+    assert adata is sim_screen.adata
+    SVAE.setup_anndata(adata, layer=sim_screen.layer, split_key="cellpert_split")
+    model = SVAE(adata, n_latent=3, n_hidden=16, sparsity_weight=0.1)
+    model.train(max_epochs=3, n_epochs_kl_warmup=None, enable_model_summary=False)
+    # every label is its own column; an unseen combination is the sum of its parts
+    assert set(model.perturbation_names) == set(sim_screen.labels[~sim_screen.is_control])
+    seen = next(lab for lab in model.perturbation_names if "+" in lab)
+    unseen = next(f"P00{a}+P00{b}" for a in range(5) for b in range(a + 1, 5) if f"P00{a}+P00{b}" not in model.labels)
+    rows = model.dosage_from_labels(["P000", seen, unseen, "control"], control=sim_screen.control_labels)
+    assert rows.sum(1).tolist() == [1.0, 1.0, 2.0, 0.0]
+    ev = compute_ate_evaluation(sim_screen, model, n_draws=4, iwelbo_samples=5)
+    assert ev.config["model_ate_estimator"] == "counterfactual"
+    assert np.isfinite(ev.model_ate.ate.to_numpy()).all()
+    prior = compute_ate_evaluation(sim_screen, model, estimator="prior", n_particles=20, n_groups=4, iwelbo_samples=5)
+    assert np.isfinite(prior.summary.loc["model_pearson", "test"])
+
+
+# ------------------------------------------------------------------ early stopping
+def test_training_stops_early_and_records_its_timing(sim_screen):
+    adata = _setup(sim_screen, SAMSVAE)
+    model = SAMSVAE(adata, guide="mean_field", n_latent=3, n_hidden=8, seed=0)
+    model.train(max_steps=3000, lr=5e-2, batch_size=256, early_stopping_patience=3, enable_model_summary=False)
+    summary = model.training_summary_
+    assert summary["stopped_early"] and summary["steps"] < 3000
+    assert summary["wall_time_s"] > 0 and summary["steps_per_s"] > 0
+    assert summary["best_step"] <= summary["steps"]
+    assert DOSAGE_KEY == "dosage"
