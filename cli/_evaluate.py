@@ -56,6 +56,12 @@ def _summary_lines(evaluation, split: str) -> list[str]:
         expected = summary.loc["expected_train_average_pearson", col]
         if expected == expected:
             lines.append(f"{'':<10} the training-cell average is expected to reach r ≈ {expected:.3f} from noise alone")
+    cal = evaluation.config.get("interval_calibration")
+    if cal:
+        lines.append(
+            f"90% intervals: {cal['coverage_before']:.0%} of the validation cells' ATE covered (noise accounted for); "
+            f"x{cal['factor']:.2f} to reach 90% (varm ..._cal_lo/_cal_hi)"
+        )
     header = f"{evaluation.key}: metrics on the {col!r} labels"
     iw = evaluation.iwelbo
     if iw == iw:
@@ -234,5 +240,7 @@ def evaluate_ate(
         written = ["varm/ate_data"]
         if evaluation.model_ate is not None:
             written += [f"varm/ate_{evaluation.key}{s}" for s in ("", "_lo", "_hi")]
+        if evaluation.model_ate_calibrated is not None:
+            written += [f"varm/ate_{evaluation.key}{s}" for s in ("_cal_lo", "_cal_hi")]
         written.append(f"uns/cellpert/ate_metrics/{evaluation.key}")
         typer.echo(f"wrote {', '.join(written)} -> {evaluation.path}")

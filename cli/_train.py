@@ -85,8 +85,18 @@ def train(
         float | None,
         typer.Option("--constraint-level", help="comparative, constrained: allowed fraction of the salient prior's energy in background cells, e.g. 0.05."),
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Training steps.")] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", help="Cap on the training steps (SAMS-VAE family: early stopping ends sooner)."),
+    ] = None,
     max_epochs: Annotated[int | None, typer.Option("--max-epochs", help="Training epochs (if no --max-steps).")] = None,
+    early_stopping: Annotated[
+        bool | None,
+        typer.Option(
+            "--early-stopping/--no-early-stopping",
+            help="Stop once the validation loss stops improving (default for SAMS-VAE family and sVAE).",
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Minibatch size.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of initialisation and training.")] = None,
@@ -135,6 +145,7 @@ def train(
         "constraint_level": constraint_level,
         "max_steps": max_steps,
         "max_epochs": max_epochs,
+        "early_stopping": early_stopping,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
@@ -149,3 +160,13 @@ def train(
     last = {name: float(df.iloc[-1, 0]) for name, df in history.items() if len(df) and name in shown_keys}
     shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(last.items()))
     typer.echo(f"trained {run.config['model']} on {run.screen.n_cells:,} cells -> {run.directory} ({shown})")
+    t = run.config.get("training", {})
+    if t.get("wall_time_s") is not None:
+        line = f"{t.get('steps')} steps in {t['wall_time_s']:.1f} s"
+        if t.get("steps_per_s"):
+            line += f" ({t['steps_per_s']:.1f} steps/s)"
+        if t.get("best_step") is not None:
+            line += f"; best validation loss at step {t['best_step']}"
+        if t.get("stopped_early"):
+            line += "; stopped early (validation loss no longer improving)"
+        typer.echo(line)

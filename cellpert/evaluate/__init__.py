@@ -31,7 +31,13 @@ from cellpert.evaluate._identifiability import (
     match_latents,
     mcc,
 )
-from cellpert.evaluate._model_ate import ModelATE, counterfactual_ate, model_ate, posterior_interval
+from cellpert.evaluate._model_ate import (
+    ModelATE,
+    calibrate_interval,
+    counterfactual_ate,
+    model_ate,
+    posterior_interval,
+)
 from cellpert.evaluate._report import ate_report_figure, write_ate_report
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "ate_from_counts",
     "ate_metrics",
     "block_leakage",
+    "calibrate_interval",
     "compute_ate_evaluation",
     "counterfactual_ate",
     "data_ate",

@@ -113,6 +113,7 @@ def ate_from_counts(
     cells: np.ndarray | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     gene_names: Sequence[str] | pd.Index | None = None,
+    standard_error: bool = False,
 ) -> pd.DataFrame:
     """ATE of every non-control label relative to control, streamed over row chunks.
 
@@ -137,13 +138,17 @@ def ate_from_counts(
         Rows per chunk.
     gene_names
         Index of the result; default ``0..G-1``.
+    standard_error
+        Also compute each entry's standard error, √(s²_t / n_t + s²_control / n_control)
+        (one more sparse product per chunk), in ``attrs["standard_error"]``.
 
     Returns
     -------
     pd.DataFrame
         genes x labels (sorted non-control labels with at least one selected cell):
         mean y of the label's cells minus mean y of the control cells. ``attrs`` holds
-        ``"n_cells"`` (dict label -> cells used), ``"n_control_cells"`` and ``"space"``.
+        ``"n_cells"`` (dict label -> cells used), ``"n_control_cells"``, ``"space"`` and,
+        with ``standard_error=True``, ``"standard_error"`` (a DataFrame like the result).
 
     Raises
     ------
@@ -171,6 +176,7 @@ def ate_from_counts(
     rows = _resolve_cells(cells, n_cells)
 
     sums = np.zeros((n_groups, n_genes), dtype=np.float64)
+    squares = np.zeros((n_groups, n_genes), dtype=np.float64) if standard_error else None
     n_per_group = np.zeros(n_groups, dtype=np.int64)
     for idx, block in iter_row_chunks(counts, chunk_rows=int(chunk_rows), rows=rows):
         y = _to_space(block, space)
@@ -180,6 +186,9 @@ def ate_from_counts(
         )
         part = indicator @ y
         sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+        if squares is not None:
+            part = indicator @ (y.multiply(y) if sp.issparse(y) else y**2)
+            squares += part.toarray() if sp.issparse(part) else np.asarray(part)
         n_per_group += np.bincount(c, minlength=n_groups)
 
     ctrl = int(np.flatnonzero(groups == control_key)[0]) if control_key in set(groups) else -1
@@ -204,6 +213,11 @@ def ate_from_counts(
     }
     out.attrs["n_control_cells"] = int(n_per_group[ctrl])
     out.attrs["space"] = space
+    if squares is not None:
+        n = np.maximum(n_per_group, 1)[:, None].astype(np.float64)
+        var = np.maximum(squares / n - means**2, 0.0) * n / np.maximum(n - 1, 1)
+        se = np.sqrt(var[keep] / n[keep] + var[ctrl] / n[ctrl]).T
+        out.attrs["standard_error"] = pd.DataFrame(se, index=index, columns=out.columns)
     logger.debug("ATE of %d labels from %d cells", int(keep.sum()), int(n_per_group.sum()))
     return out
 
@@ -214,6 +228,7 @@ def data_ate(
     space: AteSpace = "perturbseq",
     cells: np.ndarray | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    standard_error: bool = False,
 ) -> pd.DataFrame:
     """Data ATE of every perturbation label of a screen (MODELS.md §6).
 
@@ -233,13 +248,16 @@ def data_ate(
         e.g. ``cells=(split == "test") | screen.is_control``.
     chunk_rows
         Rows per streamed chunk.
+    standard_error
+        Also compute the standard errors (see :func:`ate_from_counts`).
 
     Returns
     -------
     pd.DataFrame
         genes (``screen.gene_names``) x canonical non-control labels with at least one
         selected cell. ``attrs["n_cells"]`` maps each label to its number of cells,
-        ``attrs["n_control_cells"]`` and ``attrs["space"]`` are set too.
+        ``attrs["n_control_cells"]`` and ``attrs["space"]`` are set too (and
+        ``attrs["standard_error"]`` on request).
 
     Raises
     ------
@@ -254,6 +272,7 @@ def data_ate(
         cells=cells,
         chunk_rows=chunk_rows,
         gene_names=screen.gene_names,
+        standard_error=standard_error,
     )
 
 

@@ -62,7 +62,13 @@ from cellpert.evaluate._ate import (
     mean_baseline,
     noise_ceiling,
 )
-from cellpert.evaluate._model_ate import LibrarySize, ModelATE, counterfactual_ate, model_ate
+from cellpert.evaluate._model_ate import (
+    LibrarySize,
+    ModelATE,
+    calibrate_interval,
+    counterfactual_ate,
+    model_ate,
+)
 
 __all__ = [
     "METRIC_NAMES",
@@ -101,6 +107,9 @@ class AteEvaluation:
     """``<predictor>_<metric>``, ``n_perturbations``, ``iwelbo`` x splits (None without model)."""
     model_ate: ModelATE | None = None
     """The model's ATEs and intervals (None for a data-only evaluation)."""
+    model_ate_calibrated: ModelATE | None = None
+    """The same ATEs with intervals recalibrated on the validation cells
+    (:func:`cellpert.evaluate.calibrate_interval`; None without validation cells)."""
     baselines: dict[str, pd.DataFrame] = field(default_factory=dict)
     """``additive`` and ``mean`` predictions (genes x labels) from the training cells."""
     iwelbo: float = float("nan")
@@ -205,11 +214,13 @@ def _target_cells(screen: PerturbationScreen, split_values: np.ndarray, s: str, 
 def _split_target(
     screen: PerturbationScreen, split_values: np.ndarray, s: str, labels: list[str], chunk_rows: int
 ) -> pd.DataFrame:
-    """Data ATE of the labels' split-s cells vs the split's control cells (see :func:`_target_cells`)."""
+    """Data ATE of the labels' split-s cells vs the split's control cells (see :func:`_target_cells`),
+    with its standard errors in ``attrs["standard_error"]``."""
     cells, source = _target_cells(screen, split_values, s, labels)
-    target = data_ate(screen, cells=cells, chunk_rows=chunk_rows)
-    target = target[[c for c in labels if c in target.columns]]
-    target.attrs["controls"] = source
+    full = data_ate(screen, cells=cells, chunk_rows=chunk_rows, standard_error=True)
+    keep = [c for c in labels if c in full.columns]
+    target = full[keep].copy()
+    target.attrs = {**full.attrs, "standard_error": full.attrs["standard_error"][keep], "controls": source}
     return target
 
 
@@ -445,6 +456,13 @@ def compute_ate_evaluation(
             config["training_reliability"] = train_ceil
         timings["ceiling_s"] = time.perf_counter() - t0
 
+    # --- intervals recalibrated on the validation cells (the test cells stay unseen)
+    calibrated = None
+    if held_out and "val" in targets:
+        val = targets["val"]
+        calibrated, info = calibrate_interval(pred, val, val.attrs["standard_error"])
+        config["interval_calibration"] = {**info, "fitted_on": "val"}
+
     # --- held-out IWELBO
     iwelbo = float("nan")
     cells = np.flatnonzero(split_values == iwelbo_split) if split_values is not None else np.zeros(0, int)
@@ -472,6 +490,7 @@ def compute_ate_evaluation(
         per_perturbation=per,
         summary=summary,
         model_ate=pred,
+        model_ate_calibrated=calibrated,
         baselines=baselines,
         iwelbo=iwelbo,
         config=config,
@@ -502,6 +521,9 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
         The model's ATE of every label and its 90% interval (counterfactual estimator:
         posterior interval over the global latents; prior estimator: Monte Carlo
         interval), same layout (only with a model).
+    ``varm["ate_<key>_cal_lo"]``, ``varm["ate_<key>_cal_hi"]``
+        The interval recalibrated on the validation cells
+        (:func:`cellpert.evaluate.calibrate_interval`; only with validation cells).
     ``uns["cellpert"]["ate_metrics"][<key>]``
         ``per_perturbation`` (label x [``split``, ``n_cells``,
         ``<predictor>_<metric>``] DataFrame), ``summary`` (metric x split DataFrame; only
@@ -522,6 +544,11 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
             ("_lo", evaluation.model_ate.lo),
             ("_hi", evaluation.model_ate.hi),
         ):
+            name = f"ate_{evaluation.key}{suffix}"
+            adata.varm[name] = _varm_frame(frame, adata.var_names)
+            written.append(f"varm/{name}")
+    if evaluation.model_ate_calibrated is not None:
+        for suffix, frame in (("_cal_lo", evaluation.model_ate_calibrated.lo), ("_cal_hi", evaluation.model_ate_calibrated.hi)):
             name = f"ate_{evaluation.key}{suffix}"
             adata.varm[name] = _varm_frame(frame, adata.var_names)
             written.append(f"varm/{name}")

@@ -65,7 +65,7 @@ def ate_report_figure(evaluation: AteEvaluation, *, split: str = "test", top_n: 
     from matplotlib.figure import Figure
 
     top_n = int(top_n or evaluation.config.get("top_n", 20))
-    labels = _labels_of(evaluation, split)
+    labels = [c for c in _labels_of(evaluation, split) if c in evaluation.data_ate.columns]
     data = evaluation.data_ate[labels].to_numpy(dtype=np.float64)
     fig = Figure(figsize=(12, 5), layout="constrained")
     ax_scatter, ax_bars = fig.subplots(1, 2, width_ratios=[1, 1.3])
@@ -104,7 +104,13 @@ def ate_report_figure(evaluation: AteEvaluation, *, split: str = "test", top_n: 
     col = split if summary is not None and split in summary.columns else "all"
     if summary is not None:
         r, r_top = summary.loc["model_pearson", col], summary.loc["model_pearson_top", col]
-        ax_scatter.set_title(f"{len(labels)} labels ({col}): r = {r:.3f}, top-{n} r = {r_top:.3f}", fontsize=10)
+        title = f"{len(labels)} labels ({col}): r = {r:.3f}, top-{n} r = {r_top:.3f}"
+        if "ceiling_pearson" in summary.index and summary.loc["ceiling_pearson", col] == summary.loc["ceiling_pearson", col]:
+            title += f"\nnoise ceiling r = {summary.loc['ceiling_pearson', col]:.3f}, top-{n} {summary.loc['ceiling_pearson_top', col]:.3f}"
+        ax_scatter.set_title(title, fontsize=10)
+    target = evaluation.config.get("target")
+    if target:
+        fig.suptitle(f"scored against: {target}", fontsize=9)
 
     per = evaluation.per_perturbation.loc[labels]
     values = per["model_pearson_top"].to_numpy(dtype=np.float64)
@@ -124,6 +130,34 @@ def ate_report_figure(evaluation: AteEvaluation, *, split: str = "test", top_n: 
     ax_bars.set_ylim(-1.05, 1.05)
     ax_bars.legend(loc="lower left", fontsize=8, frameon=False)
     return fig
+
+
+def _notes(evaluation: AteEvaluation) -> str:
+    """What every figure used, the noise ceiling and how far the intervals can be trusted."""
+    config = evaluation.config
+    items = [f"Every table and figure is scored against: {config.get('target', 'the data ATE')}."]
+    if config.get("model_ate_estimator"):
+        items.append(
+            f"Model ATE: {config['model_ate_estimator']} estimator; interval: {config.get('model_ate_interval_kind')}. "
+            "The additive baseline is the training cells' average effect (for a combination, the sum of its parts')."
+        )
+    summary = evaluation.summary
+    col = config.get("target_split")
+    if summary is not None and col in summary.columns and summary.loc["ceiling_pearson", col] == summary.loc["ceiling_pearson", col]:
+        items.append(
+            f"Noise ceiling of the {col} cells (a perfect predictor, from split halves): r {summary.loc['ceiling_pearson', col]:.3f}, "
+            f"top-N r {summary.loc['ceiling_pearson_top', col]:.3f}; the training-cell average is expected to reach "
+            f"r {summary.loc['expected_train_average_pearson', col]:.3f} from noise alone."
+        )
+    cal = config.get("interval_calibration")
+    if cal:
+        verdict = "over-confident" if cal["coverage_before"] < 0.85 else ("conservative" if cal["coverage_before"] > 0.95 else "about right")
+        items.append(
+            f"The model's 90% intervals cover {cal['coverage_before']:.0%} of the validation cells' ATE (their noise "
+            f"accounted for): {verdict}. Multiplying their half-widths by {cal['factor']:.2f} gives 90% "
+            "(varm ..._cal_lo / _cal_hi)."
+        )
+    return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 
 
 def _summary_table(evaluation: AteEvaluation) -> pd.DataFrame:
@@ -182,6 +216,7 @@ def write_ate_report(
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#f4f4f4}}</style></head>
 <body><h1>{html.escape(title)}</h1>
+{_notes(evaluation)}
 <img alt="model vs data ATE" src="data:image/png;base64,{encoded}" style="max-width:100%">
 <h2>Summary (metric x split)</h2>
 {_summary_table(evaluation).to_html(float_format=lambda v: f"{v:.4g}", na_rep="")}

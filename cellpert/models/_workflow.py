@@ -8,14 +8,17 @@ A run directory holds everything needed to reuse a trained model::
     DIR/split.csv         obs name and split (train / val / test / unused) of every cell used
     DIR/genes.txt         the genes the model was trained on, in order
     DIR/perturbations.txt the perturbations (columns of D), in order
+    DIR/training.json     steps, epochs, wall time, steps/s, best step, whether it stopped early
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,7 +252,9 @@ def train_run(
     model = cls(adata, **model_kwargs)
     train_kwargs.setdefault("enable_progress_bar", progress_bar)
     logger.info("training %s on %d cells x %d genes", entry.name, screen.n_cells, screen.n_genes)
+    start = time.perf_counter()
     model.train(**train_kwargs)
+    training = _training_summary(model, time.perf_counter() - start)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save(str(out / "model"), overwrite=True, save_anndata=False)
@@ -266,6 +271,8 @@ def train_run(
         "n_perturbations": screen.n_perturbations,
     }
     (out / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    (out / "training.json").write_text(json.dumps(_plain(training), indent=2) + "\n")
+    config["training"] = training
     _history_frame(model.history).to_csv(out / "history.csv")
     pd.DataFrame({"obs_name": screen.obs_names, "split": read_split(screen, split_key)}).to_csv(
         out / "split.csv", index=False
@@ -273,6 +280,19 @@ def train_run(
     (out / "genes.txt").write_text("\n".join(map(str, screen.gene_names)) + "\n")
     (out / "perturbations.txt").write_text("\n".join(screen.perturbation_names) + "\n")
     return TrainedRun(model=model, screen=screen, directory=out, config=config)
+
+
+def _training_summary(model: Any, wall_s: float) -> dict[str, Any]:
+    """Steps, wall time and steps/s of a finished ``model.train`` (any family)."""
+    summary = dict(getattr(model, "training_summary_", None) or {})
+    trainer = getattr(model, "trainer", None)
+    steps = summary.get("steps", int(trainer.global_step) if trainer is not None else None)
+    summary.setdefault("steps", steps)
+    summary.setdefault("epochs", int(trainer.current_epoch) if trainer is not None else None)
+    summary.setdefault("wall_time_s", round(wall_s, 3))
+    if steps and summary.get("steps_per_s") is None and wall_s > 0:
+        summary["steps_per_s"] = round(steps / wall_s, 3)
+    return summary
 
 
 def _complete_setup(setup_kwargs: dict[str, Any], screen: PerturbationScreen) -> dict[str, Any]:

@@ -1,0 +1,182 @@
+"""Model ATEs against the simple estimates, scored on held-out cells (prints a table).
+
+For each data set, model and split seed: train with cellpert's defaults (early stopping,
+``--steps`` as the cap), then score with :func:`cellpert.evaluate.compute_ate_evaluation`
+(the held-out target of the test split) and report, for the counterfactual estimator
+(default) and the paper's prior estimator, ATE r, R² and top-20 r, next to the
+training-cell average ("additive": for a seen label its training cells' average, for a
+combination the sum of its parts'), the noise ceiling of the test cells and the r the
+training-cell average is expected to reach from noise alone. On the SAMS simulator the
+true ATE is known (:func:`cellpert.data.simulate.sams_true_ate`): the script also
+reports each predictor's agreement with the truth and the coverage of the models' 90%
+intervals.
+
+Data sets: ``sim`` (SAMS simulator, 30 perturbations, 6 combinations, K = 8),
+``norman`` (shared Norman subset, random 64/16/20 cell split), ``norman-combos`` (held-out
+combinations, MODELS.md §6), ``mcfaline`` (shared McFaline subset, random split).
+
+Usage::
+
+    python benchmarks/ate_benchmark.py --datasets sim norman --models samsvae conditional-vae --seeds 0 1 2
+    python benchmarks/ate_benchmark.py --quick        # one seed, few steps: a smoke run
+
+Results of a run are in benchmarks/RESULTS_ate.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "norman2019_mcfaline2023_subset.h5ad"
+
+#: Per data set: the screen options and the model settings (K, widths, learning rates).
+SETTINGS = {
+    "sim": {"model": {"n_latent": 8}, "train": {"lr": 3e-3, "batch_size": 256}},
+    "norman": {"model": {"n_latent": 200}, "train": {"lr": 1e-3, "batch_size": 512, "gradient_clip_val": 100}},
+    "mcfaline": {
+        "model": {"n_latent": 50, "n_hidden": 200},
+        "train": {"lr": 1e-3, "batch_size": 512, "gradient_clip_val": 100},
+    },
+}
+SETTINGS["norman-combos"] = SETTINGS["norman"]
+MASK_LR = 3e-2
+
+
+def _screen(dataset: str, seed: int):
+    from cellpert.data import load_screen, make_split, read_split
+    from cellpert.data.simulate import simulate_sams
+
+    if dataset == "sim":
+        adata = simulate_sams(seed=seed, n_perturbations=30, n_latent=8, n_combinations=6)
+        screen = load_screen(adata, warn=False)
+        read_split(screen, "cellpert_split")
+        return screen
+    subset = 'dataset == "mcfaline23"' if dataset == "mcfaline" else 'dataset == "norman19"'
+    screen = load_screen(SHARED, subset=subset, drop_zero_genes=True, warn=False)
+    make_split(screen, "combinations" if dataset == "norman-combos" else "random", seed=seed)
+    return screen
+
+
+def _model(name: str, adata, dataset: str, seed: int):
+    from cellpert.models import CPAVAE, SAMSVAE, ConditionalVAE
+
+    cls = {"samsvae": SAMSVAE, "cpa-vae": CPAVAE, "conditional-vae": ConditionalVAE}[name]
+    cls.setup_anndata(adata)
+    kwargs = dict(SETTINGS[dataset]["model"], seed=seed)
+    if name == "samsvae" and dataset == "mcfaline":
+        kwargs.update(guide_n_hidden=200, guide_n_layers=2)
+    return cls(adata, **kwargs)
+
+
+def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int) -> list[dict]:
+    from cellpert.data.simulate import sams_true_ate
+    from cellpert.evaluate import ate_metrics, compute_ate_evaluation, interval_coverage
+    from cellpert.models import prepare_anndata
+
+    screen = _screen(dataset, seed)
+    adata = prepare_anndata(screen)
+    model = _model(name, adata, dataset, seed)
+    train = dict(SETTINGS[dataset]["train"])
+    if name == "samsvae":
+        train["mask_logits_lr"] = MASK_LR
+    t0 = time.perf_counter()
+    model.train(max_steps=steps, enable_model_summary=False, **train)
+    wall = time.perf_counter() - t0
+    common = {"dataset": dataset, "model": name, "seed": seed, "train_s": round(wall, 1),
+              "steps": model.training_summary_["steps"], "best_step": model.training_summary_.get("best_step")}  # fmt: skip
+    rows = []
+    truth = None
+    for estimator in ("counterfactual", "prior"):
+        ev = compute_ate_evaluation(
+            screen, model, estimator=estimator, n_draws=n_draws, n_particles=1000, n_groups=20,
+            ceiling=estimator == "counterfactual", iwelbo_samples=20, seed=seed,
+        )  # fmt: skip
+        s = ev.summary["test"]
+        predictors = {"model": ev.model_ate.ate, **ev.baselines} if estimator == "counterfactual" else {"model": ev.model_ate.ate}
+        for pred_name, frame in predictors.items():
+            row = dict(common, estimator=estimator if pred_name == "model" else "-", predictor=pred_name)
+            row.update({m: s[f"{pred_name}_{m}"] for m in ("pearson", "r2", "pearson_top")})
+            if estimator == "counterfactual":
+                row.update(ceiling=s["ceiling_pearson"], ceiling_top=s["ceiling_pearson_top"],
+                           expected_train=s["expected_train_average_pearson"])  # fmt: skip
+            if dataset == "sim":
+                labels = list(ev.data_ate.columns)
+                if truth is None:
+                    truth = sams_true_ate(screen.adata, labels, n_cells=20000, seed=seed)
+                    truth.index = screen.gene_names
+                _, t = ate_metrics(truth, frame, top_n=20)
+                row.update(truth_pearson=t["pearson"], truth_r2=t["r2"], truth_pearson_top=t["pearson_top"])
+                if pred_name == "model":
+                    cov = interval_coverage(truth, ev.model_ate.lo, ev.model_ate.hi)
+                    row.update(coverage=cov["coverage"], interval_width=cov["mean_width"])
+                    if ev.model_ate_calibrated is not None:
+                        cal = interval_coverage(truth, ev.model_ate_calibrated.lo, ev.model_ate_calibrated.hi)
+                        row.update(coverage_calibrated=cal["coverage"])
+            rows.append(row)
+    return rows
+
+
+def _table(frame: pd.DataFrame) -> str:
+    metrics = [c for c in ("pearson", "r2", "pearson_top", "ceiling", "ceiling_top", "expected_train",
+                           "truth_pearson", "truth_r2", "truth_pearson_top", "coverage", "coverage_calibrated") if c in frame]  # fmt: skip
+    keys = ["dataset", "model", "estimator", "predictor"]
+    grouped = frame.groupby(keys, sort=False)[metrics]
+    mean, sd = grouped.mean(), grouped.std()
+    n = grouped.size()
+    lines = ["| " + " | ".join(keys + metrics + ["n"]) + " |", "|" + "---|" * (len(keys) + len(metrics) + 1)]
+    for idx in mean.index:
+        cells = [
+            "" if np.isnan(mean.loc[idx, m]) else f"{mean.loc[idx, m]:.3f} ± {0 if np.isnan(sd.loc[idx, m]) else sd.loc[idx, m]:.3f}"
+            for m in metrics
+        ]
+        lines.append("| " + " | ".join([*map(str, idx), *cells, str(n.loc[idx])]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["sim", "norman", "norman-combos", "mcfaline"])
+    parser.add_argument("--models", nargs="+", default=["samsvae", "cpa-vae", "conditional-vae"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=8000, help="cap on the training steps (early stopping)")
+    parser.add_argument("--n-draws", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines")
+    parser.add_argument("--quick", action="store_true", help="one seed, 100 steps, sim only")
+    args = parser.parse_args()
+    if args.quick:
+        args.datasets, args.seeds, args.steps, args.n_draws = ["sim"], [0], 100, 10
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("cellpert").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    rows = []
+    for dataset in args.datasets:
+        for name in args.models:
+            for seed in args.seeds:
+                new = run_one(dataset, name, seed, args.steps, args.n_draws)
+                rows += new
+                print(f"# {dataset} {name} seed {seed}: {new[0]['steps']} steps in {new[0]['train_s']} s; "
+                      + ", ".join(f"{r['predictor']}/{r['estimator']} r {r['pearson']:.3f}" for r in new), flush=True)  # fmt: skip
+                if args.out:
+                    with args.out.open("a") as fh:
+                        for r in new:
+                            fh.write(json.dumps({k: (None if isinstance(v, float) and np.isnan(v) else v)
+                                                 for k, v in r.items()}) + "\n")  # fmt: skip
+    frame = pd.DataFrame(rows)
+    print(_table(frame))
+
+
+if __name__ == "__main__":
+    main()
