@@ -9,7 +9,7 @@ STAMP := $(VENV)/.cellpert-installed
 DEMO_DIR ?= demo_out
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install test test-slow lint demo clean bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang
+.PHONY: help install test test-slow lint demo clean bench-ate bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang
 RAW_DIR ?= data/raw
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make test       ruff + the default test suite (installs first)"
 	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
 	@echo "make install    create .venv and install cellpert with the tested versions"
+	@echo "make bench-ate  model ATEs vs the training-cell average on held-out cells (long)"
 	@echo "make bench-norman / bench-sparse-shift / bench-comparative / bench-kang"
 	@echo "                the papers' benchmarks (long; BENCH_ARGS=--quick for a smoke run)"
 	@echo "make data-norman / data-replogle / data-kang   fetch a public screen (needs internet)"
@@ -51,6 +52,8 @@ clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
 
 # Benchmarks (print tables; see benchmarks/RESULTS_*.md). BENCH_ARGS=--quick for a smoke run.
+bench-ate: $(STAMP)
+	$(BIN)/python benchmarks/ate_benchmark.py $(BENCH_ARGS)
 bench-norman: $(STAMP)
 	$(BIN)/python benchmarks/norman_combinations.py --steps 2000 $(BENCH_ARGS)
 bench-sparse-shift: $(STAMP)

@@ -306,3 +306,22 @@ def test_data_ate_standard_error_by_hand(sim_screen):
     c = y[sim_screen.is_control]
     expected = np.sqrt(a.var(0, ddof=1) / len(a) + c.var(0, ddof=1) / len(c))
     np.testing.assert_allclose(se["P001"].to_numpy(), expected, rtol=1e-8)
+
+
+def test_evaluate_ate_runs_on_an_svae_run(tmp_path):
+    """The failure of the issue: `evaluate-ate` on an sVAE run directory."""
+    from cellpert.evaluate import evaluate_ate
+    from cellpert.models._workflow import train_run
+
+    adata = simulate_sams(seed=3, n_perturbations=4, n_latent=3, n_genes=20,
+                          n_cells_per_perturbation=(30, 10, 10), n_control_cells=(30, 10, 10))  # fmt: skip
+    path = tmp_path / "s.h5ad"
+    adata.write_h5ad(path)
+    train_run(path, out_dir=tmp_path / "run", progress_bar=False, model="svae", n_latent=3, n_hidden=16, max_epochs=3)
+    ev = evaluate_ate(path, model_dir=tmp_path / "run", n_draws=4, iwelbo_samples=5)
+    assert ev.key == "svae" and np.isfinite(ev.summary.loc["model_pearson", "test"])
+    import anndata as ad
+
+    back = ad.read_h5ad(path)
+    assert {"ate_svae", "ate_svae_lo", "ate_svae_hi", "ate_svae_cal_lo"} <= set(back.varm)
+    assert (tmp_path / "run" / "training.json").is_file()
