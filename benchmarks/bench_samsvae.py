@@ -43,7 +43,9 @@ NORMAN = Path(os.environ.get("CELLPERT_SHARED_DATA", REPO.parent / "shared" / "d
 )
 NORMAN_SETTINGS = {"n_latent": 200, "n_hidden": 400, "n_layers": 1, "n_particles": 5}
 #: The paper's Norman training: Adam lr 3e-4, weight decay 1e-6, batch 512, gradient norm clipped at 100.
-NORMAN_TRAINING = {"batch_size": 512, "lr": 3e-4, "weight_decay": 1e-6, "gradient_clip_val": 100.0}
+#: The paper's Norman training: fixed length (no early stopping), the mask logits at the common lr.
+NORMAN_TRAINING = {"batch_size": 512, "lr": 3e-4, "weight_decay": 1e-6, "gradient_clip_val": 100.0,
+                   "early_stopping": False, "mask_logits_lr": None}  # fmt: skip
 SAMS_SETTINGS = {
     "guide": "correlated",
     "guide_n_hidden": 400,
@@ -222,6 +224,7 @@ def run_large(steps: int, threads: int, extra: dict) -> dict:
         batch_size=512,
         check_val_every_n_epoch=10**6,
         restore_best=False,
+        early_stopping=False,
         callbacks=[timer],
     )
     step_times = np.asarray(timer.steps[5:])

@@ -188,7 +188,23 @@ def _training_ate(
     if not (train & screen.is_control).any():
         logger.warning("no control cell in the training split; the baselines use all control cells")
         train = train | screen.is_control
-    return data_ate(screen, cells=train, chunk_rows=chunk_rows), train
+    return data_ate(screen, cells=train, chunk_rows=chunk_rows, standard_error=True), train
+
+
+def _training_standard_errors(train_ate: pd.DataFrame, labels: list[str], screen: PerturbationScreen) -> pd.DataFrame:
+    """Standard error of each label's training-cell ATE; a label without training cells
+    (a held-out combination) gets its parts' combined in quadrature, as the additive
+    baseline combines their effects (NaN when a part has none)."""
+    se = train_ate.attrs["standard_error"]
+    out = pd.DataFrame(np.nan, index=se.index, columns=pd.Index(labels, name="label"))
+    for label in labels:
+        if label in se.columns:
+            out[label] = se[label]
+            continue
+        parts = screen.label_parts(label)
+        if parts and all(p in se.columns for p in parts):
+            out[label] = np.sqrt(sum(se[p] ** 2 for p in parts))
+    return out
 
 
 def _target_cells(screen: PerturbationScreen, split_values: np.ndarray, s: str, labels: list[str]) -> tuple[np.ndarray, str]:
@@ -460,7 +476,8 @@ def compute_ate_evaluation(
     calibrated = None
     if held_out and "val" in targets:
         val = targets["val"]
-        calibrated, info = calibrate_interval(pred, val, val.attrs["standard_error"])
+        base = _training_standard_errors(train_ate, labels, screen) if train_cells is not None else None
+        calibrated, info = calibrate_interval(pred, val, val.attrs["standard_error"], base_se=base)
         config["interval_calibration"] = {**info, "fitted_on": "val"}
 
     # --- held-out IWELBO

@@ -46,6 +46,8 @@ GlobalDraws = Literal["per_sample", "single"]
 #: Step cap of ``train()`` when neither ``max_steps`` nor ``max_epochs`` is given (early
 #: stopping usually ends training sooner).
 DEFAULT_MAX_STEPS = 30_000
+#: Default Adam learning rate of the q(M) logits (the other parameters use ``lr``).
+DEFAULT_MASK_LOGITS_LR = 3e-2
 
 
 
@@ -183,7 +185,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         max_time: float | None = None,
         seed: int | None = None,
         mask_temperature_final: float | None = None,
-        mask_logits_lr: float | None = None,
+        mask_logits_lr: float | None = DEFAULT_MASK_LOGITS_LR,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
@@ -226,9 +228,12 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
             Option (not in the paper): anneal the relaxed-Bernoulli temperature
             geometrically from ``mask_temperature`` to this value over training.
         mask_logits_lr
-            Option (not in the paper): Adam learning rate of the q(M) logits (default:
-            ``lr``). At lr = 3e-4 Adam moves a logit by at most about 3e-4 per step, so
-            masks need tens of thousands of steps to leave their initial value.
+            Adam learning rate of the q(M) logits (cellpert's default
+            :data:`DEFAULT_MASK_LOGITS_LR`, 3e-2; None: ``lr``, the paper's). At lr = 3e-4
+            Adam moves a logit by at most about 3e-4 per step, so the paper's masks need
+            tens of thousands of steps to leave their initial value: on the Norman subset
+            after 2,000 steps their mean q was still 0.44 and the held-out ATE r 0.35;
+            with 3e-2 the masks settle (mean q 0.02) and r reaches 0.47.
         accelerator, devices
             Lightning devices.
         plan_kwargs
