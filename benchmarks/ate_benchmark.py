@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def _model(name: str, adata, dataset: str, seed: int):
     return cls(adata, **kwargs)
 
 
-def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int) -> list[dict]:
+def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache: Path | None = None) -> list[dict]:
     from cellpert.data.simulate import sams_true_ate
     from cellpert.evaluate import ate_metrics, compute_ate_evaluation, interval_coverage
     from cellpert.models import prepare_anndata
@@ -84,14 +83,21 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int) -> lis
     screen = _screen(dataset, seed)
     adata = prepare_anndata(screen)
     model = _model(name, adata, dataset, seed)
-    train = dict(SETTINGS[dataset]["train"])
-    if name == "samsvae":
-        train["mask_logits_lr"] = MASK_LR
-    t0 = time.perf_counter()
-    model.train(max_steps=steps, enable_model_summary=False, **train)
-    wall = time.perf_counter() - t0
-    common = {"dataset": dataset, "model": name, "seed": seed, "train_s": round(wall, 1),
-              "steps": model.training_summary_["steps"], "best_step": model.training_summary_.get("best_step")}  # fmt: skip
+    saved = cache / f"{dataset}_{name}_{seed}_{steps}" if cache is not None else None
+    if saved is not None and (saved / "model.pt").is_file():  # a model trained by an earlier run
+        model = type(model).load(str(saved), adata=adata)
+        summary = json.loads((saved / "training.json").read_text())
+    else:
+        train = dict(SETTINGS[dataset]["train"])
+        if name == "samsvae":
+            train["mask_logits_lr"] = MASK_LR
+        model.train(max_steps=steps, enable_model_summary=False, **train)
+        summary = model.training_summary_
+        if saved is not None:
+            model.save(str(saved), overwrite=True)
+            (saved / "training.json").write_text(json.dumps(summary))
+    common = {"dataset": dataset, "model": name, "seed": seed, "train_s": summary["wall_time_s"],
+              "steps": summary["steps"], "best_step": summary.get("best_step")}  # fmt: skip
     rows = []
     truth = None
     for estimator in ("counterfactual", "prior"):
@@ -150,6 +156,7 @@ def main() -> None:
     parser.add_argument("--n-draws", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines")
+    parser.add_argument("--cache", type=Path, default=None, help="save trained models here and reuse them")
     parser.add_argument("--quick", action="store_true", help="one seed, 100 steps, sim only")
     args = parser.parse_args()
     if args.quick:
@@ -165,7 +172,7 @@ def main() -> None:
     for dataset in args.datasets:
         for name in args.models:
             for seed in args.seeds:
-                new = run_one(dataset, name, seed, args.steps, args.n_draws)
+                new = run_one(dataset, name, seed, args.steps, args.n_draws, args.cache)
                 rows += new
                 print(f"# {dataset} {name} seed {seed}: {new[0]['steps']} steps in {new[0]['train_s']} s; "
                       + ", ".join(f"{r['predictor']}/{r['estimator']} r {r['pearson']:.3f}" for r in new), flush=True)  # fmt: skip

@@ -56,14 +56,14 @@ def _summary_lines(evaluation, split: str) -> list[str]:
         expected = summary.loc["expected_train_average_pearson", col]
         if expected == expected:
             lines.append(f"{'':<10} the training-cell average is expected to reach r ≈ {expected:.3f} from noise alone")
-    if "additive" in evaluation.predictors:
-        m, b = summary.loc["model_pearson", col], summary.loc["additive_pearson", col]
-        mt, bt = summary.loc["model_pearson_top", col], summary.loc["additive_pearson_top", col]
+    if "average" in evaluation.predictors:
+        m, b = summary.loc["model_pearson", col], summary.loc["average_pearson", col]
+        mt, bt = summary.loc["model_pearson_top", col], summary.loc["average_pearson_top", col]
         if m == m and b == b:
             better = (m >= b) + (mt >= bt)
             verdict = ("beats" if better == 2 else "does not beat" if better == 0 else "ties with")
             lines.append(
-                f"the model {verdict} the training-cell average (additive) here: r {m:.3f} vs {b:.3f}, "
+                f"the model {verdict} the training-cell average here: r {m:.3f} vs {b:.3f}, "
                 f"top-{top_n} r {mt:.3f} vs {bt:.3f}"
             )
     cal = evaluation.config.get("interval_calibration")
@@ -80,7 +80,10 @@ def _summary_lines(evaluation, split: str) -> list[str]:
     estimator = evaluation.config.get("model_ate_estimator")
     notes = [f"target: {target}" if target else "target: data ATE of all cells of each label"]
     if estimator:
-        notes.append(f"model ATE: {estimator} estimator; additive = the training cells' average (sum of parts)")
+        notes.append(
+            f"model ATE: {estimator} estimator; average = each label's training cells' average effect, "
+            "additive = the sum of its parts' (baselines from training cells only)"
+        )
     return [header, *notes, *lines]
 
 

@@ -27,8 +27,10 @@ Conventions
   (``"unused"`` cells are ignored). The per-perturbation table lists each label's splits
   (``"test"``, ``"train+val"``, ``"train+val+test"``).
 - **Baselines** are computed from the data ATE of the *training* cells (split
-  ``"train"``, control included): additive (the sum of the parts' training effects; for a
-  seen label, the training-cell average) and mean (the mean training effect).
+  ``"train"``, control included): *average* (each label's own training cells' average
+  effect; a label without training cells, e.g. a held-out combination, gets the additive
+  sum), *additive* (the sum of the parts' training effects, for a single its own) and
+  *mean* (the mean training effect).
 - **Model ATE**: ``estimator="counterfactual"`` (default) encodes the training control
   cells, shifts them by each perturbation and decodes at their own depth, with a
   posterior interval over the global latents (:func:`cellpert.evaluate.counterfactual_ate`);
@@ -111,7 +113,7 @@ class AteEvaluation:
     """The same ATEs with intervals recalibrated on the validation cells
     (:func:`cellpert.evaluate.calibrate_interval`; None without validation cells)."""
     baselines: dict[str, pd.DataFrame] = field(default_factory=dict)
-    """``additive`` and ``mean`` predictions (genes x labels) from the training cells."""
+    """``additive``, ``mean`` and ``average`` predictions (genes x labels) from the training cells."""
     iwelbo: float = float("nan")
     """Mean held-out IWELBO per cell (NaN without model or held-out cells)."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +123,7 @@ class AteEvaluation:
 
     @property
     def predictors(self) -> list[str]:
-        """Predictors scored: ``model`` (when present), ``additive``, ``mean``."""
+        """Predictors scored: ``model`` (when present), ``additive``, ``mean``, ``average``."""
         return (["model"] if self.model_ate is not None else []) + list(self.baselines)
 
 
@@ -421,6 +423,12 @@ def compute_ate_evaluation(
         for w in caught:
             logger.warning("%s", w.message)
         baselines["mean"] = mean_baseline(train_ate, labels)
+        # the training cells' own average effect of each label (a label without training
+        # cells, e.g. a held-out combination, falls back to the additive sum)
+        average = baselines["additive"].copy()
+        seen = [c for c in labels if c in train_ate.columns]
+        average[seen] = train_ate[seen].to_numpy()
+        baselines["average"] = average
         config["n_training_labels"] = int(train_ate.shape[1])
     else:
         logger.warning("no training split: the additive and mean baselines are not computed")

@@ -25,7 +25,7 @@ __all__ = ["ate_report_figure", "write_ate_report"]
 logger = logging.getLogger(__name__)
 
 #: Colours of the predictors in the bar chart.
-_COLOURS = {"model": "#1f77b4", "additive": "#d62728", "mean": "#7f7f7f"}
+_COLOURS = {"model": "#1f77b4", "average": "#2ca02c", "additive": "#d62728", "mean": "#7f7f7f"}
 
 
 def _labels_of(evaluation: AteEvaluation, split: str) -> list[str]:
@@ -117,7 +117,7 @@ def ate_report_figure(evaluation: AteEvaluation, *, split: str = "test", top_n: 
     order = np.argsort(-np.nan_to_num(values, nan=-2.0))
     x = np.arange(len(labels))
     ax_bars.bar(x, values[order], color=_COLOURS["model"], label="model")
-    for name, marker in (("additive", "_"), ("mean", "_")):
+    for name, marker in (("average", "_"), ("additive", "_"), ("mean", "_")):
         column = f"{name}_pearson_top"
         if column in per.columns:
             ax_bars.scatter(
@@ -139,7 +139,8 @@ def _notes(evaluation: AteEvaluation) -> str:
     if config.get("model_ate_estimator"):
         items.append(
             f"Model ATE: {config['model_ate_estimator']} estimator; interval: {config.get('model_ate_interval_kind')}. "
-            "The additive baseline is the training cells' average effect (for a combination, the sum of its parts')."
+            "Baselines from training cells only: average (each label's training cells' average effect), "
+            "additive (the sum of its parts'), mean."
         )
     summary = evaluation.summary
     col = config.get("target_split")

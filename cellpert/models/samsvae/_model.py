@@ -586,54 +586,9 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         """Counterfactual hook: (P, T, K) draws of E ⊙ M from q (None: the conditional VAE)."""
         return self.module.sample_globals(n_draws)["effect"]
 
-    @torch.inference_mode()
-    def get_predictive_means(
-        self,
-        dosage: np.ndarray | torch.Tensor | sp.spmatrix | pd.DataFrame,
-        *,
-        n_samples: int = 2500,
-        library_size: float | np.ndarray = 1e4,
-        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
-        seed: int = 0,
-        chunk_size: int | None = None,
-    ) -> np.ndarray:
-        """Posterior predictive mean expression for each perturbation vector (for ATEs).
-
-        For each of ``n_samples`` particles: (E, M) ~ q (shared by all rows of the
-        particle), ``z^b ~ N(0, I)`` independently per row, ``x ~ NB(ℓ ρ(z), θ)``; returns
-        the mean over particles of ``transform(x)``. MODELS.md §6's model ATE of t is
-        ``out[row of t] - out[control row]`` with ``transform="perturbseq"``
-        (``log2(1e4 x / Σ x + 1)``) and ``library_size=1e4``. All rows are processed together,
-        ``chunk_size`` particles at a time.
-
-        Parameters
-        ----------
-        dosage
-            (R, T) perturbation vectors (columns in :attr:`perturbation_names` order; a zero
-            row is control); see :meth:`dosage_from_labels`.
-        n_samples
-            Particles (paper: 2,500).
-        library_size
-            ℓ: scalar or one per row.
-        transform
-            ``"perturbseq"``, ``"counts"`` or ``"rho"`` (mean of the normalised NB mean,
-            no count noise).
-        seed
-            Seeds every draw.
-        chunk_size
-            Particles per vectorised chunk (default: about 2e7 floats per chunk).
-
-        Returns
-        -------
-        (R, G) float32 array.
-        """
-        self.module.eval()
-        d = torch.as_tensor(self._dosage_rows(dosage), device=self.device)
-        lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
-        chunk_size = self._predictive_chunk_size(d.shape[0], n_samples, chunk_size)
-        with self._seeded(seed):
-            out = self.module.predictive_means(d, n_samples, lib, transform=transform, chunk_size=chunk_size)
-        return out.cpu().numpy()
+    def _predictive_means(self, dosage, n_samples, library, transform, chunk_size) -> torch.Tensor:
+        """Prediction hook: (E, M) ~ q per particle, z^b ~ N(0, I) per row (MODELS.md §6)."""
+        return self.module.predictive_means(dosage, n_samples, library, transform=transform, chunk_size=chunk_size)
 
 
 _SHARED_DOC = """

@@ -574,44 +574,21 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         point estimates; masks thresholded at σ(log_alpha) = 0.5)."""
         return self._shifts().expand(int(n_draws), -1, -1)
 
-    @torch.inference_mode()
-    def get_predictive_means(
-        self,
-        dosage: Any,
-        *,
-        n_samples: int = 2500,
-        library_size: float | np.ndarray = 1e4,
-        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
-        seed: int = 0,
-        chunk_size: int | None = None,
-    ) -> np.ndarray:
-        """Prior predictive mean per dosage row: ``z ~ N(D_r shift, I)``, ``x ~ NB(ℓ ρ(z), θ)``.
-
-        The paper protocol's model ATE (MODELS.md §6) for sVAE: the learned shifts of the
-        rows' labels (thresholded masks), basal noise from the prior.
-
-        Returns
-        -------
-        (R, G) float32 array.
-        """
+    def _predictive_means(self, dosage, n_samples, library, transform, chunk_size) -> torch.Tensor:
+        """Prediction hook (the paper protocol's model ATE for sVAE): ``z ~ N(D_r shift, I)``
+        with the learned shifts of the rows' labels (thresholded masks), ``x ~ NB(ℓ ρ(z), θ)``."""
         from cellpert.models._components import chunked_predictive_mean, nb_sample
 
-        self.module.eval()
-        d = torch.as_tensor(self._dosage_rows(dosage), device=self.device)
-        shift = d @ self._shifts()
-        lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
-        chunk_size = self._predictive_chunk_size(d.shape[0], n_samples, chunk_size)
+        shift = dosage @ self._shifts()
 
         def draw_rho(c: int) -> torch.Tensor:
             # latent z ~ N(D_r shift, I), independently per particle and row
             return self.module.decode_rho(shift + torch.randn(c, *shift.shape, device=shift.device))
 
-        with seeded(seed):
-            out = chunked_predictive_mean(
-                draw_rho, lambda mu: nb_sample(mu, self.module.theta),
-                n_samples=n_samples, library_size=lib, transform=transform, chunk_size=chunk_size,
-            )  # fmt: skip
-        return out.cpu().numpy()
+        return chunked_predictive_mean(
+            draw_rho, lambda mu: nb_sample(mu, self.module.theta),
+            n_samples=n_samples, library_size=library, transform=transform, chunk_size=chunk_size,
+        )  # fmt: skip
 
     def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``(x, ℓ, label)`` for :meth:`SVAEModule.log_weights` (masks thresholded or frozen)."""
