@@ -117,7 +117,7 @@ def ate_report_figure(evaluation: AteEvaluation, *, split: str = "test", top_n: 
     order = np.argsort(-np.nan_to_num(values, nan=-2.0))
     x = np.arange(len(labels))
     ax_bars.bar(x, values[order], color=_COLOURS["model"], label="model")
-    for name, marker in (("average", "_"), ("additive", "_"), ("mean", "_")):
+    for name, marker in (("additive", "_"), ("mean", "_"), ("average", "_")):
         column = f"{name}_pearson_top"
         if column in per.columns:
             ax_bars.scatter(
@@ -155,8 +155,8 @@ def _notes(evaluation: AteEvaluation) -> str:
         verdict = "over-confident" if cal["coverage_before"] < 0.85 else ("conservative" if cal["coverage_before"] > 0.95 else "about right")
         items.append(
             f"The model's 90% intervals cover {cal['coverage_before']:.0%} of the validation cells' ATE (their noise "
-            f"accounted for): {verdict}. Multiplying their half-widths by {cal['factor']:.2f} gives 90% "
-            "(varm ..._cal_lo / _cal_hi)."
+            f"accounted for): {verdict}. Recalibrated intervals (posterior half-width and the training "
+            f"cells' standard error combined, scaled by {cal['factor']:.2f}) cover 90% (varm ..._cal_lo / _cal_hi)."
         )
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 
