@@ -77,7 +77,12 @@ def _model(name: str, adata, dataset: str, seed: int):
 
 def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache: Path | None = None) -> list[dict]:
     from cellpert.data.simulate import sams_true_ate
-    from cellpert.evaluate import ate_metrics, compute_ate_evaluation, interval_coverage
+    from cellpert.evaluate import (
+        additive_baseline,
+        ate_metrics,
+        compute_ate_evaluation,
+        interval_coverage,
+    )
     from cellpert.models import prepare_anndata
 
     screen = _screen(dataset, seed)
@@ -106,10 +111,22 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
             ceiling=estimator == "counterfactual", iwelbo_samples=20, seed=seed,
         )  # fmt: skip
         s = ev.summary["test"]
-        predictors = {"model": ev.model_ate.ate, **ev.baselines} if estimator == "counterfactual" else {"model": ev.model_ate.ate}
+        predictors = {"model": ev.model_ate.ate}
+        if any("+" in c for c in ev.data_ate.columns):
+            # the sum of the model's own predicted single effects, for the combinations
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                predictors["model_additive"] = additive_baseline(ev.model_ate.ate, list(ev.model_ate.ate.columns),
+                                                                 parts_of=screen.label_parts)  # fmt: skip
+        if estimator == "counterfactual":
+            predictors.update(ev.baselines)
         for pred_name, frame in predictors.items():
-            row = dict(common, estimator=estimator if pred_name == "model" else "-", predictor=pred_name)
-            row.update({m: s[f"{pred_name}_{m}"] for m in ("pearson", "r2", "pearson_top")})
+            row = dict(common, estimator=estimator if pred_name.startswith("model") else "-", predictor=pred_name)
+            if pred_name == "model_additive":
+                _, own = ate_metrics(ev.data_ate, frame, top_n=20)
+                row.update({m: own[m] for m in ("pearson", "r2", "pearson_top")})
+            else:
+                row.update({m: s[f"{pred_name}_{m}"] for m in ("pearson", "r2", "pearson_top")})
             if estimator == "counterfactual":
                 row.update(ceiling=s["ceiling_pearson"], ceiling_top=s["ceiling_pearson_top"],
                            expected_train=s["expected_train_average_pearson"])  # fmt: skip
