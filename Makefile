@@ -14,7 +14,7 @@ RAW_DIR ?= data/raw
 
 help:
 	@echo "make demo       simulate a screen, train, evaluate, export (installs first)"
-	@echo "make test       ruff + the default test suite (installs first)"
+	@echo "make test       ruff + import layers + the default test suite (installs first)"
 	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
 	@echo "make install    create .venv and install cellpert with the tested versions"
 	@echo "make bench-ate  model ATEs vs the training-cell average on held-out cells (long)"
@@ -31,9 +31,11 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)

@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cellpert.evaluate import evaluate_ate
-    from cellpert.models._workflow import train_run
+    from cellpert.runs import evaluate_ate, train_run
 
     settings = dict(PAPER)
     steps, particles = args.steps, args.particles

@@ -16,6 +16,7 @@ from cellpert_cli._options import (
     ScreenArg,
     SubsetOpt,
     control_list,
+    quiet_libraries,
 )
 
 
@@ -197,8 +198,10 @@ def evaluate_ate(
         cellpert evaluate-ate screen.h5ad --subset 'dataset == "norman19"'
     """
     from cellpert._errors import CellpertInputError
-    from cellpert.evaluate._evaluate import evaluate_ate as _evaluate
     from cellpert.evaluate._report import write_ate_report
+    from cellpert.runs import evaluate_ate as _evaluate
+
+    quiet_libraries()
 
     if data_cells not in ("all", "split"):
         raise CellpertInputError(f"--data-cells must be all or split, not {data_cells!r}.")

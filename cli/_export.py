@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cellpert_cli._options import ScreenArg
+from cellpert_cli._options import ScreenArg, quiet_libraries
 
 
 def export_latents(
@@ -39,7 +39,9 @@ def export_latents(
 
         cellpert export-latents sim.h5ad --model run_svae --ica
     """
-    from cellpert.models._workflow import export_latents as _export
+    from cellpert.runs import export_latents as _export
+
+    quiet_libraries()
 
     path, written = _export(screen_path, model_dir=model, out=out, batch_size=batch_size, ica=ica)
     typer.echo(f"wrote {', '.join(written['obsm'] + written['uns'])} -> {path}")

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from cellpert.data import as_list
+
 ScreenArg = Annotated[Path, typer.Argument(help="The screen, an .h5ad file with raw counts.", show_default=False)]
 PerturbationKeyOpt = Annotated[
     str | None,
@@ -36,6 +38,22 @@ DropZeroGenesOpt = Annotated[
 
 def control_list(control: str | None) -> list[str] | None:
     """Split a comma-separated ``--control`` value."""
-    if control is None:
-        return None
-    return [c.strip() for c in control.split(",") if c.strip()]
+    return as_list(control)
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning and scvi-tools to warnings (unless ``--debug``).
+
+    They set their loggers to INFO when imported (tips, "max_steps reached", "Using column
+    names from ..."), after the root callback has set the levels, so the commands that
+    train or load a model import them first and set the levels again. This is the
+    command line's job; the library never touches other packages' loggers.
+    """
+    import logging
+
+    import lightning.pytorch  # noqa: F401  (sets its loggers on import)
+    import scvi  # noqa: F401
+
+    if not logging.getLogger("cellpert").isEnabledFor(logging.DEBUG):
+        for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "scvi"):
+            logging.getLogger(name).setLevel(logging.WARNING)

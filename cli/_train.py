@@ -15,6 +15,7 @@ from cellpert_cli._options import (
     PerturbationKeyOpt,
     ScreenArg,
     SubsetOpt,
+    quiet_libraries,
 )
 
 
@@ -117,7 +118,9 @@ def train(
 
         cellpert train kang.h5ad -m comparative -o run_cmp -p condition --background control --mode constrained
     """
-    from cellpert.models._workflow import train_run
+    from cellpert.runs import train_run
+
+    quiet_libraries()
 
     if devices is not None and devices.isdigit():
         devices = int(devices)

@@ -314,8 +314,7 @@ def test_data_ate_standard_error_by_hand(sim_screen):
 
 def test_evaluate_ate_runs_on_an_svae_run(tmp_path):
     """The failure of the issue: `evaluate-ate` on an sVAE run directory."""
-    from cellpert.evaluate import evaluate_ate
-    from cellpert.models._workflow import train_run
+    from cellpert.runs import evaluate_ate, train_run
 
     adata = simulate_sams(seed=3, n_perturbations=4, n_latent=3, n_genes=20,
                           n_cells_per_perturbation=(30, 10, 10), n_control_cells=(30, 10, 10))  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cellpert import CellpertInputError
-from cellpert._config import read_config_file, resolve_options
+from cellpert.runs import read_config_file, resolve_options
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,10 @@ from cellpert.evaluate import (
     ate_metrics,
     compute_ate_evaluation,
     data_ate,
-    evaluate_ate,
     label_splits,
     model_ate,
 )
-from cellpert.models._workflow import load_run, train_run
+from cellpert.runs import evaluate_ate, load_run, train_run
 from cellpert_cli._evaluate import evaluate_ate as evaluate_ate_command
 
 from conftest import file_digest

@@ -11,7 +11,7 @@ import yaml
 from cellpert import CellpertInputError
 from cellpert.data import write_h5ad_atomic
 from cellpert.data.simulate import simulate_sams
-from cellpert.models._workflow import load_run, resolve_run_config, train_run
+from cellpert.runs import load_run, resolve_run_config, train_run
 from cellpert_cli.main import EXIT_INPUT_ERROR, run
 
 from conftest import file_digest

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from cellpert.data._io import read_h5ad, save_results, to_uns, write_h5ad_atomic
-from cellpert.data._screen import (
+from cellpert.data._layout import (
+    COMBINATION_SEP,
     CONTROL_SPELLINGS,
     UNS_KEY,
+    as_list,
+    is_control_spelling,
+    record_screen_keys,
+    recorded_screen_keys,
+    split_label,
+)
+from cellpert.data._screen import (
     PerturbationScreen,
     detect_control_labels,
     load_screen,
     parse_perturbation_labels,
-    record_screen_keys,
     screen_description,
 )
 from cellpert.data._splits import (
@@ -31,17 +38,20 @@ from cellpert.data._validate import (
 )
 
 __all__ = [
+    "COMBINATION_SEP",
     "CONTROL_SPELLINGS",
     "DEFAULT_SPLIT_KEY",
     "SPLIT_NAMES",
     "UNS_KEY",
     "CountSummary",
     "PerturbationScreen",
+    "as_list",
     "combination_split",
     "detect_control_labels",
     "eligible_heldout_combinations",
     "gene_log1p_stats",
     "heldout_perturbation_split",
+    "is_control_spelling",
     "iter_row_chunks",
     "load_screen",
     "make_split",
@@ -50,8 +60,10 @@ __all__ = [
     "read_h5ad",
     "read_split",
     "record_screen_keys",
+    "recorded_screen_keys",
     "save_results",
     "screen_description",
+    "split_label",
     "summarise_counts",
     "to_uns",
     "write_h5ad_atomic",

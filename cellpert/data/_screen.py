@@ -17,61 +17,29 @@ import scipy.sparse as sp
 
 from cellpert._errors import CellpertInputError, CellpertWarning
 from cellpert.data._io import read_h5ad
+from cellpert.data._layout import (
+    COMBINATION_SEP,
+    CONTROL_SPELLINGS,
+    as_list,
+    recorded_screen_keys,
+    split_label,
+)
 from cellpert.data._validate import CountSummary, summarise_counts
 
 __all__ = [
-    "CONTROL_SPELLINGS",
     "PERTURBATION_KEY_CANDIDATES",
     "PerturbationScreen",
-    "UNS_KEY",
     "detect_control_labels",
     "load_screen",
     "parse_perturbation_labels",
-    "record_screen_keys",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Everything cellpert writes into ``uns`` lives under this key.
-UNS_KEY = "cellpert"
-#: Label spellings recognised as control (case-insensitive, whole label).
-CONTROL_SPELLINGS = ("control", "ctrl", "non-targeting", "non_targeting", "nontargeting", "nt")
 #: obs columns tried, in order, when no ``perturbation_key`` is given or recorded.
 PERTURBATION_KEY_CANDIDATES = ("perturbation", "condition", "perturbations", "target_gene", "gene")
 #: Groups with fewer cells than this get a warning.
 TINY_GROUP_CELLS = 10
-#: Separator of combinations in labels.
-COMBINATION_SEP = "+"
-
-
-def record_screen_keys(
-    adata: ad.AnnData, *, perturbation_key: str | None, control: str | Sequence[str] | None
-) -> None:
-    """Record in ``adata.uns['cellpert']['screen']`` where the perturbations are.
-
-    Every command reads these when the user gives no ``--perturbation-key`` / ``--control``.
-
-    Writes
-    ------
-    ``adata.uns['cellpert']['screen']``: ``{'perturbation_key': str, 'control': list[str]}``.
-    """
-    controls = [control] if isinstance(control, str) else list(control or [])
-    screen = {"perturbation_key": perturbation_key or "", "control": np.asarray(controls, dtype=object)}
-    adata.uns.setdefault(UNS_KEY, {})
-    adata.uns[UNS_KEY]["screen"] = screen
-
-
-def _recorded_screen_keys(adata: ad.AnnData) -> tuple[str | None, list[str] | None]:
-    rec = adata.uns.get(UNS_KEY, {}).get("screen", {}) if isinstance(adata.uns.get(UNS_KEY), dict) else {}
-    key = rec.get("perturbation_key") or None
-    control = rec.get("control")
-    if control is not None:
-        control = [str(c) for c in np.atleast_1d(control)]
-    return key, control
-
-
-def _split_label(label: str) -> list[str]:
-    return [p.strip() for p in str(label).split(COMBINATION_SEP)]
 
 
 def detect_control_labels(labels: Sequence[str] | pd.Index) -> list[str]:
@@ -91,7 +59,7 @@ def detect_control_labels(labels: Sequence[str] | pd.Index) -> list[str]:
     """
     distinct = pd.unique(pd.Series(list(labels), dtype=object).astype(str))
     candidates = [
-        lab for lab in distinct if all(p.lower() in CONTROL_SPELLINGS for p in _split_label(lab))
+        lab for lab in distinct if all(p.lower() in CONTROL_SPELLINGS for p in split_label(lab))
     ]
     if not candidates:
         examples = ", ".join(map(repr, distinct[:5]))
@@ -154,7 +122,7 @@ def parse_perturbation_labels(
     canonical_of_set: dict[frozenset, str] = {}
     canonical_unique: list[str] = []
     for lab in uniq:
-        parts = [p for p in _split_label(lab) if p and p.lower() not in nothing]
+        parts = [p for p in split_label(lab) if p and p.lower() not in nothing]
         if lab in control:
             parts = []
         parts_of.append(parts)
@@ -180,8 +148,8 @@ def parse_perturbation_labels(
         vals = np.ones(len(rows), dtype=np.float32)
     else:
         for i in range(len(labels)):
-            raw_parts = _split_label(labels[i])
-            raw_doses = _split_label(dose_arr[i])
+            raw_parts = split_label(labels[i])
+            raw_doses = split_label(dose_arr[i])
             if len(raw_doses) != len(raw_parts):
                 raw_doses = ["1"] * len(raw_parts)
             for p, d in zip(raw_parts, raw_doses, strict=True):
@@ -288,7 +256,7 @@ class PerturbationScreen:
 
     def label_parts(self, label: str) -> list[str]:
         """Perturbations making up a canonical label (empty for control)."""
-        return [] if label in self.control_labels else _split_label(label)
+        return [] if label in self.control_labels else split_label(label)
 
     @property
     def obs_names(self) -> pd.Index:
@@ -329,7 +297,7 @@ def _resolve_perturbation_key(adata: ad.AnnData, key: str | None) -> str:
                 f"{', '.join(map(str, adata.obs.columns[:20]))}."
             )
         return key
-    recorded, _ = _recorded_screen_keys(adata)
+    recorded, _ = recorded_screen_keys(adata)
     if recorded and recorded in adata.obs.columns:
         return recorded
     for cand in PERTURBATION_KEY_CANDIDATES:
@@ -443,7 +411,7 @@ def load_screen(
     )
     summary = summarise_counts(matrix, where=where, fix_hint=hint)
 
-    _, recorded_control = _recorded_screen_keys(adata)
+    _, recorded_control = recorded_screen_keys(adata)
     if dosage_key is not None:
         names, dosage = _dosage_from_obsm(adata, dosage_key)
         key = None
@@ -476,8 +444,7 @@ def load_screen(
                 logger.info("ignoring %d label categories with zero cells", len(unused))
         raw = column.astype(str).to_numpy()
         if control is not None:
-            controls = [control] if isinstance(control, str) else list(control)
-            controls = [c.strip() for cc in controls for c in str(cc).split(",") if c.strip()]
+            controls = as_list(control) or []
             missing = [c for c in controls if c not in set(raw)]
             if missing and len(missing) == len(controls):
                 raise CellpertInputError(

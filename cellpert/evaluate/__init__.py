@@ -15,7 +15,6 @@ from cellpert.evaluate._ate import (
 from cellpert.evaluate._evaluate import (
     AteEvaluation,
     compute_ate_evaluation,
-    evaluate_ate,
     label_splits,
     write_ate_results,
 )
@@ -54,7 +53,6 @@ __all__ = [
     "compute_ate_evaluation",
     "counterfactual_ate",
     "data_ate",
-    "evaluate_ate",
     "ica_masks",
     "ica_rotate",
     "interval_coverage",

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from sklearn.metrics import r2_score
 
 from cellpert._errors import CellpertInputError, CellpertWarning
+from cellpert.data._layout import split_label
 from cellpert.data._validate import DEFAULT_CHUNK_ROWS, iter_row_chunks
 
 if TYPE_CHECKING:
@@ -40,8 +41,6 @@ AteSpace = Literal["perturbseq", "mean"]
 
 #: Target library size of the perturbseq normalisation.
 PERTURBSEQ_SCALE = 1e4
-#: Separator of combination labels.
-COMBINATION_SEP = "+"
 
 
 # ------------------------------------------------------------------------ transform
@@ -281,7 +280,7 @@ PartsOf = Callable[[str], Sequence[str]] | Mapping[str, Sequence[str]] | None
 
 
 def _split_parts(label: str) -> list[str]:
-    return [p.strip() for p in str(label).split(COMBINATION_SEP) if p.strip()]
+    return [p for p in split_label(label) if p]
 
 
 def _parts_function(parts_of: PartsOf) -> Callable[[str], list[str]]:

@@ -2,10 +2,9 @@
 
 This is what ``cellpert evaluate-ate`` runs (MODELS.md §3, §6). The computation
 (:func:`compute_ate_evaluation`) works on an in-memory screen and model; the file-level
-function (:func:`evaluate_ate`) loads a screen (and a ``cellpert train`` run), computes,
-and writes the results back through :func:`cellpert.data.save_results` — the input file
-is only replaced, atomically, once everything has been computed, so a failing evaluation
-leaves it untouched.
+function (:func:`cellpert.runs.evaluate_ate`, the application layer) loads a screen and
+a ``cellpert train`` run, computes, and writes the results back with
+:func:`write_ate_results` through :func:`cellpert.data.save_results`.
 
 Conventions
 -----------
@@ -42,7 +41,6 @@ Conventions
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -55,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from cellpert._errors import CellpertInputError, CellpertWarning
-from cellpert.data import UNS_KEY, PerturbationScreen, load_screen, read_h5ad, save_results, to_uns
+from cellpert.data import UNS_KEY, PerturbationScreen, to_uns
 from cellpert.data._validate import DEFAULT_CHUNK_ROWS
 from cellpert.evaluate._ate import (
     additive_baseline,
@@ -76,7 +74,6 @@ __all__ = [
     "METRIC_NAMES",
     "AteEvaluation",
     "compute_ate_evaluation",
-    "evaluate_ate",
     "label_splits",
     "write_ate_results",
 ]
@@ -590,121 +587,3 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
     metrics[evaluation.key] = entry
     written.append(f"uns/{UNS_KEY}/{METRICS_UNS_KEY}/{evaluation.key}")
     return written
-
-
-# ------------------------------------------------------------------------- file
-def evaluate_ate(
-    screen_path: str | os.PathLike,
-    *,
-    model_dir: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    key_added: str | None = None,
-    perturbation_key: str | None = None,
-    control: str | Sequence[str] | None = None,
-    layer: str | None = None,
-    subset: str | None = None,
-    drop_zero_genes: bool = False,
-    data_cells: Literal["all", "split"] = "split",
-    estimator: Estimator = "counterfactual",
-    n_particles: int = 2500,
-    n_groups: int = 50,
-    n_draws: int = 100,
-    library_size: LibrarySize | float = "fixed",
-    top_n: int = 20,
-    split: str = "test",
-    iwelbo_samples: int = 100,
-    ceiling: bool = True,
-    seed: int = 0,
-    write: bool = True,
-) -> AteEvaluation:
-    """Evaluate a trained run's ATEs on its screen and write the results into the h5ad.
-
-    With ``model_dir`` the screen is loaded with the run's options (subset, control,
-    layer, genes; :func:`cellpert.models._workflow.load_run`) and the split recorded by
-    the run is used; without it only the data ATE is computed (with the screen options
-    given here).
-
-    Parameters
-    ----------
-    screen_path
-        The screen (``.h5ad``).
-    model_dir
-        A ``cellpert train`` run directory, or None for the data ATE alone.
-    out
-        Write to this new file instead of updating ``screen_path`` in place.
-    key_added
-        Output key (default: the run's model key, e.g. ``samsvae``, ``cpa_vae``).
-    perturbation_key, control, layer, subset, drop_zero_genes
-        Screen options when there is no ``model_dir`` (ignored otherwise).
-    data_cells, estimator, n_particles, n_groups, n_draws, library_size, top_n, iwelbo_samples, ceiling, seed
-        See :func:`compute_ate_evaluation`.
-    split
-        The split shown: its cells give the IWELBO, its target the per-perturbation
-        table, ``varm["ate_data"]`` and the noise ceiling.
-    write
-        False: compute only.
-
-    Writes
-    ------
-    See :func:`write_ate_results` (``varm["ate_data"]``, ``varm["ate_<key>"]`` with
-    ``_lo`` / ``_hi``, ``uns["cellpert"]["ate_metrics"][<key>]``), through
-    :func:`cellpert.data.save_results`. Nothing is written when anything fails.
-
-    Returns
-    -------
-    AteEvaluation
-        With ``path`` set to the file written.
-    """
-    identity: dict[str, Any] = {}
-    if model_dir is not None:
-        from cellpert.models._workflow import load_run, model_key
-
-        run = load_run(screen_path, model_dir)
-        screen, model = run.screen, run.model
-        key = key_added or model_key(str(run.config["model"]))
-        identity = {
-            "model": str(run.config["model"]),
-            "class": type(model).__name__,
-            "run_dir": str(Path(run.directory).resolve()),
-            "run_config": run.config,
-        }
-    else:
-        if isinstance(control, str):
-            control = [c.strip() for c in control.split(",") if c.strip()]
-        screen = load_screen(
-            screen_path,
-            perturbation_key=perturbation_key,
-            control=control,
-            layer=layer,
-            subset=subset,
-            drop_zero_genes=drop_zero_genes,
-            warn=False,
-        )
-        model = None
-        key = key_added or DATA_KEY
-    t0 = time.perf_counter()
-    evaluation = compute_ate_evaluation(
-        screen,
-        model,
-        key=key,
-        data_cells=data_cells,
-        estimator=estimator,
-        n_particles=n_particles,
-        n_groups=n_groups,
-        n_draws=n_draws,
-        library_size=library_size,
-        top_n=top_n,
-        iwelbo_split=split,
-        iwelbo_samples=iwelbo_samples,
-        ceiling=ceiling,
-        seed=seed,
-    )
-    evaluation.config["timings"]["total_s"] = time.perf_counter() - t0
-    evaluation.config["identity"] = identity
-    evaluation.config["screen"] = str(Path(screen_path).resolve())
-    if not write:
-        return evaluation
-    full = read_h5ad(screen_path)
-    write_ate_results(full, evaluation)
-    evaluation.path = save_results(full, screen_path, out=out)
-    return evaluation

@@ -20,6 +20,7 @@ import torch
 from anndata import AnnData
 
 from cellpert._errors import CellpertInputError
+from cellpert.data import is_control_spelling, split_label
 
 __all__ = ["CounterfactualMixin", "DosageLabelsMixin", "LikelihoodMixin", "SplitMixin", "SplitName", "resolve_epochs", "seeded"]
 
@@ -129,9 +130,8 @@ class DosageLabelsMixin:
         for i, lab in enumerate(labels):
             if lab in control:
                 continue
-            for part in str(lab).split("+"):
-                part = part.strip()
-                if part in control or part.lower() in ("ctrl", "control"):
+            for part in split_label(lab):
+                if part in control or is_control_spelling(part):
                     continue
                 if part not in col:
                     raise CellpertInputError(f"perturbation {part!r} of label {lab!r} is not a column of D.")

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from cellpert._errors import CellpertInputError
 from cellpert.data._io import to_uns
-from cellpert.data._screen import UNS_KEY, record_screen_keys
+from cellpert.data._layout import UNS_KEY, record_screen_keys
 from cellpert.data._splits import DEFAULT_SPLIT_KEY, SPLIT_NAMES
 
 __all__ = [

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cellpert._errors import CellpertInputError
+from cellpert.data._layout import split_label
 from cellpert.data.simulate._common import (
     CONTROL_LABEL,
     LEAKY_SLOPE,
@@ -308,7 +309,7 @@ def sams_true_ate(
         return perturbseq(rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float64))
 
     for j, label in enumerate(labels):
-        parts = [p.strip() for p in str(label).split("+") if p.strip()]
+        parts = [p for p in split_label(label) if p]
         unknown = [p for p in parts if p not in col]
         if unknown:
             raise CellpertInputError(f"label {label!r}: {unknown[0]!r} is not a simulated perturbation.")

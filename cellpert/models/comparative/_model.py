@@ -19,7 +19,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
 from cellpert._errors import CellpertInputError
-from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, gene_log1p_stats
+from cellpert.data import DEFAULT_SPLIT_KEY, as_list, gene_log1p_stats, recorded_screen_keys
 from cellpert.models._base import (
     DosageLabelsMixin,
     LikelihoodMixin,
@@ -51,10 +51,9 @@ def _target_indicator(
 ) -> np.ndarray:
     """1 for target cells, 0 for background cells (see :meth:`ComparativeVAE.setup_anndata`)."""
     if isinstance(background, str):
-        background = [b.strip() for b in background.split(",") if b.strip()]
+        background = as_list(background)
     if background is not None and background_key is None:
-        section = adata.uns.get(UNS_KEY)
-        recorded = section.get("screen", {}).get("perturbation_key") if isinstance(section, dict) else None
+        recorded, _ = recorded_screen_keys(adata)
         if not recorded:
             raise CellpertInputError(
                 "background values given without background_key; name the obs column holding them "
@@ -66,14 +65,13 @@ def _target_indicator(
             raise CellpertInputError(f"obs has no column {background_key!r} (background_key); check the name.")
         values = adata.obs[background_key].astype(str)
         if background is None:
-            section = adata.uns.get(UNS_KEY)
-            recorded = section.get("screen", {}).get("control") if isinstance(section, dict) else None
-            if recorded is None or not len(np.atleast_1d(recorded)):
+            _, recorded = recorded_screen_keys(adata)
+            if not recorded:
                 raise CellpertInputError(
                     f"no background values for obs[{background_key!r}]; pass background=<value(s)> "
                     "(--background), e.g. the control label."
                 )
-            background = [str(c) for c in np.atleast_1d(recorded)]
+            background = recorded
         unknown = sorted(set(background) - set(values.unique()))
         if unknown:
             raise CellpertInputError(
@@ -237,7 +235,7 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         ``adata.obs[library_size_key]``.
         """
         if isinstance(background, str):
-            background = [b.strip() for b in background.split(",") if b.strip()]
+            background = as_list(background)
         setup_method_args = cls._get_setup_method_args(**locals())
         if split_key is not None and split_key not in adata.obs:
             raise CellpertInputError(

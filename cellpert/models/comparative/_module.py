@@ -42,13 +42,10 @@ from cellpert.models._components import (
     nb_sample,
     poisson_log_prob_log_mean,
 )
+from cellpert.models._keys import IS_TARGET_KEY, LIBRARY_KEY
 
 __all__ = ["IS_TARGET_KEY", "LIBRARY_KEY", "ComparativeVAEModule", "gaussian_kl", "mmd", "wasserstein_to_zero"]
 
-#: Registry key of the target indicator g_i (1 target, 0 background).
-IS_TARGET_KEY = "is_target"
-#: Registry key of the observed library size ℓ_i.
-LIBRARY_KEY = "library_size"
 
 Likelihood = Literal["nb", "poisson"]
 #: Encoder inputs (standardised log1p counts) are clipped to ±INPUT_CLIP.

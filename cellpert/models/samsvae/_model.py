@@ -22,7 +22,6 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
-from cellpert.evaluate._identifiability import ica_masks
 from cellpert.models._base import (
     CounterfactualMixin,
     DosageLabelsMixin,
@@ -31,9 +30,11 @@ from cellpert.models._base import (
     resolve_epochs,
     seeded,
 )
+from cellpert.models._components._ica import ica_masks
+from cellpert.models._keys import DOSAGE_KEY, LIBRARY_KEY
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
 from cellpert.models._trainingplan import WarmupAwareEarlyStopping
-from cellpert.models.samsvae._module import DOSAGE_KEY, LIBRARY_KEY, PerturbationVAEModule
+from cellpert.models.samsvae._module import PerturbationVAEModule
 from cellpert.models.samsvae._trainingplan import PerturbationTrainingPlan, TemperatureCallback
 
 __all__ = ["CPAVAE", "SAMSVAE", "ConditionalVAE"]
@@ -447,7 +448,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         mixed basis where effects are dense (on the SAMS simulator the paper's q(M)
         switches most entries on). This un-mixes the posterior means of z with FastICA and
         reads the masks off each perturbation's latent shift there
-        (:func:`cellpert.evaluate.ica_masks`). The model itself is not changed.
+        (:func:`cellpert.evaluate.ica_masks`, defined in :mod:`cellpert.models._components._ica`). The model itself is not changed.
 
         Parameters
         ----------

@@ -36,13 +36,10 @@ from cellpert.models._components import (
     nb_sample,
     sample_straight_through_bernoulli,
 )
+from cellpert.models._keys import DOSAGE_KEY, LIBRARY_KEY
 
 __all__ = ["DOSAGE_KEY", "LIBRARY_KEY", "PerturbationVAEModule"]
 
-#: Registry key of the dosage matrix D (cells x perturbations).
-DOSAGE_KEY = "dosage"
-#: Registry key of the observed library size ℓ_i.
-LIBRARY_KEY = "library_size"
 
 Variant = Literal["sams", "cpa", "cvae"]
 Guide = Literal["correlated", "mean_field"]

@@ -18,7 +18,12 @@ from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
-from cellpert.data import DEFAULT_SPLIT_KEY, UNS_KEY, PerturbationScreen, detect_control_labels
+from cellpert.data import (
+    DEFAULT_SPLIT_KEY,
+    PerturbationScreen,
+    detect_control_labels,
+    recorded_screen_keys,
+)
 from cellpert.models._base import (
     CounterfactualMixin,
     DosageLabelsMixin,
@@ -28,8 +33,9 @@ from cellpert.models._base import (
     resolve_epochs,
     seeded,
 )
+from cellpert.models._keys import LABEL_KEY, LIBRARY_KEY
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
-from cellpert.models.svae._module import LABEL_KEY, LIBRARY_KEY, Prior, SVAEModule
+from cellpert.models.svae._module import Prior, SVAEModule
 from cellpert.models.svae._trainingplan import SVAETrainingPlan, WarmupAwareEarlyStopping
 
 __all__ = ["DEFAULT_LABEL_KEY", "SVAE", "SVAEPlus", "labels_from_dosage", "prepare_labels"]
@@ -101,10 +107,9 @@ def _resolve_controls(
         return [str(c) for c in control_labels]
     if _controls_key(label_key) in adata.uns:
         return [str(c) for c in np.atleast_1d(adata.uns[_controls_key(label_key)])]
-    section = adata.uns.get(UNS_KEY)
-    recorded = section.get("screen", {}).get("control") if isinstance(section, dict) else None
-    if recorded is not None and len(np.atleast_1d(recorded)):
-        return [str(c) for c in np.atleast_1d(recorded)]
+    _, recorded = recorded_screen_keys(adata)
+    if recorded:
+        return recorded
     try:
         return detect_control_labels(adata.obs[label_key].astype(str))
     except CellpertInputError:
@@ -244,9 +249,8 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
                     f"obs has no label column {label_key!r}; write one with "
                     "cellpert.models.svae.prepare_labels(screen) or pass label_key=<perturbation column>."
                 )
-            section = adata.uns.get(UNS_KEY)
-            recorded = section.get("screen", {}).get("control") if isinstance(section, dict) else None
-            control = str(np.atleast_1d(recorded)[0]) if recorded is not None and len(np.atleast_1d(recorded)) else "control"
+            _, recorded = recorded_screen_keys(adata)
+            control = recorded[0] if recorded else "control"
             adata.obs[label_key] = pd.Categorical(labels_from_dosage(adata, control_label=control))
             adata.uns[_controls_key(label_key)] = np.asarray([control], dtype=str)
             logger.info("wrote obs[%r] from obsm[%r]", label_key, DEFAULT_DOSAGE_KEY)

@@ -48,13 +48,10 @@ from cellpert.models._components import (
     nb_log_prob_log_mean,
     sample_straight_through_bernoulli,
 )
+from cellpert.models._keys import LABEL_KEY, LIBRARY_KEY
 
 __all__ = ["LABEL_KEY", "LIBRARY_KEY", "SVAEModule"]
 
-#: Registry key of the perturbation label (integer code per cell).
-LABEL_KEY = "svae_label"
-#: Registry key of the observed library size ℓ_i.
-LIBRARY_KEY = "library_size"
 
 Prior = Literal["shift", "standard"]
 Sparsity = Literal["l1", "beta"]

@@ -1,0 +1,138 @@
+"""File-level ATE evaluation: what ``cellpert evaluate-ate`` does.
+
+Loads a screen (and a ``cellpert train`` run), computes with
+:func:`cellpert.evaluate.compute_ate_evaluation`, and writes the results back with
+:func:`cellpert.evaluate.write_ate_results` through :func:`cellpert.data.save_results` —
+the input file is only replaced, atomically, once everything has been computed, so a
+failing evaluation leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from cellpert.data import as_list, load_screen, read_h5ad, save_results
+from cellpert.evaluate import AteEvaluation, compute_ate_evaluation, write_ate_results
+from cellpert.evaluate._evaluate import DATA_KEY, Estimator
+from cellpert.evaluate._model_ate import LibrarySize
+from cellpert.runs._registry import model_key
+from cellpert.runs._rundir import load_run
+
+__all__ = ["evaluate_ate"]
+
+
+def evaluate_ate(
+    screen_path: str | os.PathLike,
+    *,
+    model_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    key_added: str | None = None,
+    perturbation_key: str | None = None,
+    control: str | Sequence[str] | None = None,
+    layer: str | None = None,
+    subset: str | None = None,
+    drop_zero_genes: bool = False,
+    data_cells: Literal["all", "split"] = "split",
+    estimator: Estimator = "counterfactual",
+    n_particles: int = 2500,
+    n_groups: int = 50,
+    n_draws: int = 100,
+    library_size: LibrarySize | float = "fixed",
+    top_n: int = 20,
+    split: str = "test",
+    iwelbo_samples: int = 100,
+    ceiling: bool = True,
+    seed: int = 0,
+    write: bool = True,
+) -> AteEvaluation:
+    """Evaluate a trained run's ATEs on its screen and write the results into the h5ad.
+
+    With ``model_dir`` the screen is loaded with the run's options (subset, control,
+    layer, genes; :func:`cellpert.runs.load_run`) and the split recorded by
+    the run is used; without it only the data ATE is computed (with the screen options
+    given here).
+
+    Parameters
+    ----------
+    screen_path
+        The screen (``.h5ad``).
+    model_dir
+        A ``cellpert train`` run directory, or None for the data ATE alone.
+    out
+        Write to this new file instead of updating ``screen_path`` in place.
+    key_added
+        Output key (default: the run's model key, e.g. ``samsvae``, ``cpa_vae``).
+    perturbation_key, control, layer, subset, drop_zero_genes
+        Screen options when there is no ``model_dir`` (ignored otherwise).
+    data_cells, estimator, n_particles, n_groups, n_draws, library_size, top_n, iwelbo_samples, ceiling, seed
+        See :func:`cellpert.evaluate.compute_ate_evaluation`.
+    split
+        The split shown: its cells give the IWELBO, its target the per-perturbation
+        table, ``varm["ate_data"]`` and the noise ceiling.
+    write
+        False: compute only.
+
+    Writes
+    ------
+    See :func:`cellpert.evaluate.write_ate_results` (``varm["ate_data"]``, ``varm["ate_<key>"]`` with
+    ``_lo`` / ``_hi``, ``uns["cellpert"]["ate_metrics"][<key>]``), through
+    :func:`cellpert.data.save_results`. Nothing is written when anything fails.
+
+    Returns
+    -------
+    AteEvaluation
+        With ``path`` set to the file written.
+    """
+    identity: dict[str, Any] = {}
+    if model_dir is not None:
+        run = load_run(screen_path, model_dir)
+        screen, model = run.screen, run.model
+        key = key_added or model_key(str(run.config["model"]))
+        identity = {
+            "model": str(run.config["model"]),
+            "class": type(model).__name__,
+            "run_dir": str(Path(run.directory).resolve()),
+            "run_config": run.config,
+        }
+    else:
+        screen = load_screen(
+            screen_path,
+            perturbation_key=perturbation_key,
+            control=as_list(control),
+            layer=layer,
+            subset=subset,
+            drop_zero_genes=drop_zero_genes,
+            warn=False,
+        )
+        model = None
+        key = key_added or DATA_KEY
+    t0 = time.perf_counter()
+    evaluation = compute_ate_evaluation(
+        screen,
+        model,
+        key=key,
+        data_cells=data_cells,
+        estimator=estimator,
+        n_particles=n_particles,
+        n_groups=n_groups,
+        n_draws=n_draws,
+        library_size=library_size,
+        top_n=top_n,
+        iwelbo_split=split,
+        iwelbo_samples=iwelbo_samples,
+        ceiling=ceiling,
+        seed=seed,
+    )
+    evaluation.config["timings"]["total_s"] = time.perf_counter() - t0
+    evaluation.config["identity"] = identity
+    evaluation.config["screen"] = str(Path(screen_path).resolve())
+    if not write:
+        return evaluation
+    full = read_h5ad(screen_path)
+    write_ate_results(full, evaluation)
+    evaluation.path = save_results(full, screen_path, out=out)
+    return evaluation
