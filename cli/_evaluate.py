@@ -152,7 +152,7 @@ def evaluate_ate(
         str,
         typer.Option(
             "--library-size",
-            help="Prior estimator: fixed (ℓ = 1e4, MODELS.md) or empirical (sampled from control cells' "
+            help="Prior estimator: fixed (ℓ = 1e4, the paper's) or empirical (sampled from control cells' "
             "libraries), or a number.",
         ),
     ] = "fixed",

@@ -17,7 +17,7 @@ __all__ = ["simulate_app"]
 
 simulate_app = typer.Typer(
     name="simulate",
-    help="Simulate perturbation screens with known ground truth (MODELS.md §8).",
+    help="Simulate perturbation screens with known ground truth (docs/models.md, *Simulators*).",
     no_args_is_help=True,
     add_completion=False,
 )

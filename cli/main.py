@@ -79,7 +79,7 @@ def _root(
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-app.add_typer(simulate_app, name="simulate", help="Simulate a screen with known ground truth (MODELS.md §8).")
+app.add_typer(simulate_app, name="simulate", help="Simulate a screen with known ground truth (docs/models.md, *Simulators*).")
 app.command("inspect")(inspect)
 app.command("train")(train)
 app.command("export-latents")(export_latents)

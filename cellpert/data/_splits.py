@@ -1,4 +1,4 @@
-"""Train / validation / test splits, stored as an obs column (MODELS.md §6)."""
+"""Train / validation / test splits, stored as an obs column (docs/models.md, *ATE space and data ATE*)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def combination_split(
     test_fraction: float = 0.25,
     val_fraction: float = 0.2,
 ) -> np.ndarray:
-    """The Norman combination split and data-efficiency split (MODELS.md §6).
+    """The Norman combination split and data-efficiency split (docs/models.md, *ATE space and data ATE*).
 
     Test cells are those of the held-out combinations
     (:func:`eligible_heldout_combinations`, independent of ``fraction`` so that the test

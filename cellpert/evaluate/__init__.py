@@ -1,4 +1,4 @@
-"""Average treatment effects, baselines, metrics, evaluation and identifiability (MODELS.md §3, §6, §7)."""
+"""Average treatment effects, baselines, metrics, evaluation and identifiability (docs/models.md, *ATE space and data ATE*, *Evaluation*, *Identifiability metrics and ICA*)."""
 
 from __future__ import annotations
 

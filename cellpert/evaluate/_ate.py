@@ -1,4 +1,4 @@
-"""Average treatment effects, the two non-learned baselines and ATE metrics (MODELS.md §3, §6).
+"""Average treatment effects, the two non-learned baselines and ATE metrics (docs/models.md, *Baselines: CPA-VAE and conditional VAE*, *ATE space and data ATE*).
 
 Everything here is model independent: the data ATE is streamed over row chunks of the
 count matrix (never densified as a whole), and the metrics compare any two genes x labels
@@ -129,7 +129,7 @@ def ate_from_counts(
     control
         Label(s) of the control cells; all control cells form one group.
     space
-        ``"perturbseq"``: y = log2(1e4 · x / ℓ + 1) (MODELS.md §6); ``"mean"``: raw counts.
+        ``"perturbseq"``: y = log2(1e4 · x / ℓ + 1) (docs/models.md, *ATE space and data ATE*); ``"mean"``: raw counts.
     cells
         Boolean mask or integer indices of the cells to use (e.g. the training cells);
         default all.
@@ -229,7 +229,7 @@ def data_ate(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     standard_error: bool = False,
 ) -> pd.DataFrame:
-    """Data ATE of every perturbation label of a screen (MODELS.md §6).
+    """Data ATE of every perturbation label of a screen (docs/models.md, *ATE space and data ATE*).
 
     ATE_t = mean over cells with label t of y − mean over control cells of y, per gene,
     in the chosen space; streamed over row chunks (see :func:`ate_from_counts`).
@@ -302,7 +302,7 @@ def _check_ate_frame(frame: Any, name: str) -> pd.DataFrame:
 def additive_baseline(
     train_ate: pd.DataFrame, labels: Sequence[str], parts_of: PartsOf = None
 ) -> pd.DataFrame:
-    """Additive baseline: the effect of "A+B" is effect(A) + effect(B) (MODELS.md §3).
+    """Additive baseline: the effect of "A+B" is effect(A) + effect(B) (docs/models.md, *Baselines: CPA-VAE and conditional VAE*).
 
     Single effects are the training ATEs of the single-perturbation labels. A
     combination is always predicted as the sum of its parts' single effects, even when
@@ -384,7 +384,7 @@ def additive_baseline(
 
 
 def mean_baseline(train_ate: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
-    """Mean baseline: every label predicted as the mean training effect (MODELS.md §3).
+    """Mean baseline: every label predicted as the mean training effect (docs/models.md, *Baselines: CPA-VAE and conditional VAE*).
 
     Parameters
     ----------
@@ -447,7 +447,7 @@ def _overall(data: np.ndarray, model: np.ndarray) -> tuple[float, float]:
 def ate_metrics(
     data_ate: pd.DataFrame, pred_ate: pd.DataFrame, *, top_n: int = 20
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Pearson r and R² between data and predicted ATEs (MODELS.md §6).
+    """Pearson r and R² between data and predicted ATEs (docs/models.md, *ATE space and data ATE*).
 
     Overall figures use the flattened perturbations x genes matrix (R² is
     ``sklearn.metrics.r2_score(data, model)`` on it, so all-zero genes are harmless);
@@ -467,7 +467,7 @@ def ate_metrics(
         genes x labels predicted ATEs; must contain every label and gene of
         ``data_ate`` (extra ones are ignored).
     top_n
-        Genes per perturbation of the "top" metrics (MODELS.md uses 20).
+        Genes per perturbation of the "top" metrics (the SAMS-VAE paper uses 20).
 
     Returns
     -------

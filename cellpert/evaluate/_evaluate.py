@@ -1,6 +1,6 @@
 """End-to-end ATE evaluation: data ATE, model ATE, baselines, metrics per split, IWELBO.
 
-This is what ``cellpert evaluate-ate`` runs (MODELS.md §3, §6). The computation
+This is what ``cellpert evaluate-ate`` runs (docs/models.md, *Baselines: CPA-VAE and conditional VAE*, *ATE space and data ATE*). The computation
 (:func:`compute_ate_evaluation`) works on an in-memory screen and model; the file-level
 function (:func:`cellpert.runs.evaluate_ate`, the application layer) loads a screen and
 a ``cellpert train`` run, computes, and writes the results back with
@@ -35,7 +35,7 @@ Conventions
   posterior interval over the global latents (:func:`cellpert.evaluate.counterfactual_ate`);
   ``estimator="prior"`` is the paper's (:func:`cellpert.evaluate.model_ate`).
 - **Held-out IWELBO**: ``model.get_iwelbo(split=iwelbo_split, n_samples=100)``, the mean
-  over that split's cells (MODELS.md §6).
+  over that split's cells (docs/models.md, *ATE space and data ATE*).
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def compute_ate_evaluation(
         The split shown: its cells give the IWELBO, its target the per-perturbation
         table, ``data_ate`` and the noise ceiling.
     iwelbo_samples
-        Importance samples (MODELS.md: 100).
+        Importance samples (the paper: 100).
     ceiling
         Compute the noise ceiling of the shown split's target
         (:func:`cellpert.evaluate.noise_ceiling`) and the expected r of the

@@ -1,4 +1,4 @@
-"""Identifiability metrics of MODELS.md §7: MCC, linear R², mask recovery, block leakage.
+"""Identifiability metrics of docs/models.md, *Identifiability metrics and ICA*: MCC, linear R², mask recovery, block leakage.
 
 The ICA transforms (:func:`ica_rotate`, :func:`latent_shifts`, :func:`ica_masks`) live in
 :mod:`cellpert.models._components._ica` (models use them too) and are re-exported here.
@@ -196,7 +196,7 @@ def match_latents(
 
 
 def mcc(true: Any, learned: Any, *, method: CorrMethod = "pearson") -> MCCResult:
-    """Mean correlation coefficient between true and learned latents (MODELS.md §7).
+    """Mean correlation coefficient between true and learned latents (docs/models.md, *Identifiability metrics and ICA*).
 
     The mean of \\|corr\\| over the pairs chosen by :func:`match_latents`, i.e. over
     min(K_true, K_learned) pairs. A constant (collapsed) learned dimension correlates 0
@@ -322,7 +322,7 @@ def mask_recovery(
     matching: np.ndarray | MCCResult | None = None,
     threshold: float = 0.5,
 ) -> dict[str, float]:
-    """Precision, recall and F1 of a learned perturbation-to-latent mask (MODELS.md §7).
+    """Precision, recall and F1 of a learned perturbation-to-latent mask (docs/models.md, *Identifiability metrics and ICA*).
 
     ``learned_probs`` (q(M) or σ(log_alpha), perturbations x K_learned) is binarised as
     ``probs > threshold``; its columns are reordered to the true latent dimensions with
@@ -406,7 +406,7 @@ def mask_recovery(
 
 # --------------------------------------------------------------------- block leakage
 def block_leakage(z_true: Any, t_true: Any, z_hat: Any, t_hat: Any) -> dict[str, float]:
-    """Linear R² between the shared (z) and target-specific (t) blocks (MODELS.md §7).
+    """Linear R² between the shared (z) and target-specific (t) blocks (docs/models.md, *Identifiability metrics and ICA*).
 
     For the comparative models, each block should be explained by its own estimate and
     not by the other block's. Background cells have t = 0 by construction, so pass the

@@ -1,4 +1,4 @@
-"""Model average treatment effects from posterior predictive particles (MODELS.md §6).
+"""Model average treatment effects from posterior predictive particles (docs/models.md, *ATE space and data ATE*).
 
 Works with any model exposing the prediction protocol of the cellpert models
 (SAMS-VAE family now, sVAE later):
@@ -33,7 +33,7 @@ __all__ = ["ModelATE", "calibrate_interval", "counterfactual_ate", "model_ate", 
 logger = logging.getLogger(__name__)
 
 LibrarySize = Literal["fixed", "empirical"]
-#: Default ℓ of the "fixed" library size (MODELS.md §6).
+#: Default ℓ of the "fixed" library size (docs/models.md, *ATE space and data ATE*).
 FIXED_LIBRARY_SIZE = 1e4
 #: ATE space -> ``get_predictive_means`` transform.
 _TRANSFORMS = {"perturbseq": "perturbseq", "mean": "counts"}
@@ -84,7 +84,7 @@ def model_ate(
     estimate per label and gene: ``mean_t - mean_control`` over that group's particles
     (each particle: fresh (E, M) from q, fresh z^b ~ N(0, I) per row, NB counts,
     transform). The reported ATE is the particle-weighted mean of the group estimates,
-    i.e. the mean over all ``n_particles`` particles (MODELS.md §6).
+    i.e. the mean over all ``n_particles`` particles (docs/models.md, *ATE space and data ATE*).
 
     **What the interval measures.** ``lo`` / ``hi`` form a batch-means Monte Carlo
     confidence interval of level ``interval`` for the reported ATE:
@@ -112,7 +112,7 @@ def model_ate(
     n_groups
         Groups of particles for the interval (at least 2, at most ``n_particles``).
     library_size
-        ``"fixed"``: ℓ = 1e4 for every row (MODELS.md §6); a number: that fixed ℓ;
+        ``"fixed"``: ℓ = 1e4 for every row (docs/models.md, *ATE space and data ATE*); a number: that fixed ℓ;
         ``"empirical"``: for every group and every row, ℓ is drawn (with replacement)
         from ``control_library_sizes`` — the observed library sizes of the control
         cells — so the predicted expression has the data's count depth (the
@@ -302,7 +302,7 @@ def counterfactual_ate(
 ) -> ModelATE:
     """Counterfactual model ATE on real control cells, with a posterior interval.
 
-    cellpert's default estimator (docs/models.md, "Model ATE"): the control cells
+    cellpert's default estimator (docs/models.md, *ATE space and data ATE*): the control cells
     ``cells`` (e.g. the training split's) are encoded, each perturbation's latent shift is
     applied, and every cell is decoded at its own library size; counts are sampled and put
     in the perturbseq space, so the prediction is in the same space and at the same depth

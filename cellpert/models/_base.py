@@ -155,7 +155,7 @@ class DosageLabelsMixin:
         CPA-VAE: (E, M) ~ q, shared by the rows of the particle; sVAE: its point-estimate
         shifts), a basal state from the prior independently per row, and, unless
         ``transform="rho"``, counts ``x ~ NB(ℓ ρ(z), θ)``; it returns the mean over particles
-        of ``transform(x)``. MODELS.md §6's model ATE of t is ``out[row of t] -
+        of ``transform(x)``. docs/models.md, *ATE space and data ATE*'s model ATE of t is ``out[row of t] -
         out[control row]`` with ``transform="perturbseq"`` (``log2(1e4 x / Σ x + 1)``) and
         ``library_size=1e4``. All rows are processed together, ``chunk_size`` particles at a
         time (hook: ``_predictive_means``).

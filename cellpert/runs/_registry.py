@@ -30,18 +30,18 @@ class ModelEntry:
 
 #: Models known to ``cellpert train``; later families register here.
 MODELS: dict[str, ModelEntry] = {
-    "samsvae": ModelEntry("samsvae", "cellpert.models.samsvae:SAMSVAE", "SAMS-VAE (MODELS.md §2)"),
-    "cpa-vae": ModelEntry("cpa-vae", "cellpert.models.samsvae:CPAVAE", "CPA-VAE baseline (MODELS.md §3)"),
+    "samsvae": ModelEntry("samsvae", "cellpert.models.samsvae:SAMSVAE", "SAMS-VAE (docs/models.md, *SAMS-VAE*)"),
+    "cpa-vae": ModelEntry("cpa-vae", "cellpert.models.samsvae:CPAVAE", "CPA-VAE baseline (docs/models.md, *Baselines: CPA-VAE and conditional VAE*)"),
     "conditional-vae": ModelEntry(
-        "conditional-vae", "cellpert.models.samsvae:ConditionalVAE", "conditional VAE baseline (MODELS.md §3)"
+        "conditional-vae", "cellpert.models.samsvae:ConditionalVAE", "conditional VAE baseline (docs/models.md, *Baselines: CPA-VAE and conditional VAE*)"
     ),
     "comparative": ModelEntry(
         "comparative",
         "cellpert.models.comparative:ComparativeVAE",
-        "comparative VAE, background vs target (MODELS.md §5)",
+        "comparative VAE, background vs target (docs/models.md, *Comparative VAE*)",
     ),
-    "svae": ModelEntry("svae", "cellpert.models.svae:SVAE", "sVAE, expected-edge L1 sparsity (MODELS.md §4)"),
-    "svae-plus": ModelEntry("svae-plus", "cellpert.models.svae:SVAEPlus", "sVAE+, Beta(1, K_beta) sparsity (MODELS.md §4)"),
+    "svae": ModelEntry("svae", "cellpert.models.svae:SVAE", "sVAE, expected-edge L1 sparsity (docs/models.md, *sVAE and sVAE+*)"),
+    "svae-plus": ModelEntry("svae-plus", "cellpert.models.svae:SVAEPlus", "sVAE+, Beta(1, K_beta) sparsity (docs/models.md, *sVAE and sVAE+*)"),
 }
 
 def model_key(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Simulated perturbation screens with known ground truth (MODELS.md §8).
+"""Simulated perturbation screens with known ground truth (docs/models.md, *Simulators*).
 
 Each simulator is a keyword-only function ``simulate_xxx(*, seed=0, ...) -> AnnData``
 that writes counts in ``X``, labels in ``obs['perturbation']``, a split in

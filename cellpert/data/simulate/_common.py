@@ -1,4 +1,4 @@
-"""Pieces shared by the simulators (MODELS.md §8).
+"""Pieces shared by the simulators (docs/models.md, *Simulators*).
 
 - random leaky-ReLU MLP decoders with the orthogonal, variance-scaled initialisation of
   the sVAE reference, and the standardisation of their outputs;

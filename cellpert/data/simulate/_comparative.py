@@ -1,4 +1,4 @@
-"""The comparative (background / target) simulation (Lopez et al. 2024; MODELS.md §5, §8)."""
+"""The comparative (background / target) simulation (Lopez et al. 2024; docs/models.md, *Comparative VAE*, *Simulators*)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def simulate_comparative(
 ) -> ad.AnnData:
     """Simulate a background and a target condition for comparative models.
 
-    Generative story (MODELS.md §5, §8):
+    Generative story (docs/models.md, *Comparative VAE*, *Simulators*):
 
     1. every cell has a background latent z_i ~ N(0, I_{d_z});
     2. target cells have a salient latent t_i ~ N(0, I_{d_t}); background cells have t_i = 0;

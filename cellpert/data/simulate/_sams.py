@@ -1,4 +1,4 @@
-"""The SAMS-VAE simulation (Bereket & Karaletsos 2023; MODELS.md §8), with count noise."""
+"""The SAMS-VAE simulation (Bereket & Karaletsos 2023; docs/models.md, *Simulators*), with count noise."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def simulate_sams(
 ) -> ad.AnnData:
     """Simulate a screen with sparse additive mechanism shifts, as in the SAMS-VAE paper.
 
-    Generative story (MODELS.md §2, §8):
+    Generative story (docs/models.md, *SAMS-VAE*, *Simulators*):
 
     1. mask m_tk ~ Bernoulli(``mask_prob``) (T x K). A perturbation whose mask row came out
        all zero gets one dimension chosen uniformly, so that every perturbation acts; the
@@ -297,7 +297,7 @@ def sams_true_ate(
     out = np.zeros((n_genes, len(labels)))
 
     def perturbseq(x: np.ndarray) -> np.ndarray:
-        # the ATE space of cellpert.evaluate (MODELS.md §6); the data layer cannot import it
+        # the ATE space of cellpert.evaluate (docs/models.md, *ATE space and data ATE*); the data layer cannot import it
         lib = np.maximum(x.sum(axis=1, keepdims=True), 1.0)
         return np.log2(1e4 * x / lib + 1.0)
 

@@ -1,4 +1,4 @@
-"""The sVAE sparse mechanism-shift simulation (Lopez et al. 2023; MODELS.md §8)."""
+"""The sVAE sparse mechanism-shift simulation (Lopez et al. 2023; docs/models.md, *Simulators*)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def simulate_sparse_shift(
 ) -> ad.AnnData:
     """Simulate a screen with sparse mechanism shifts, as in the sVAE paper.
 
-    Generative story (MODELS.md §8):
+    Generative story (docs/models.md, *Simulators*):
 
     1. for each perturbation a, the number of target draws k_a ~ Uniform{1, 2, 3}; the k_a
        target dimensions are drawn uniformly **with replacement**, as in the reference

@@ -1,4 +1,4 @@
-"""ICA post-processing of latents (MODELS.md §7): whitening + FastICA, latent shifts, ICA masks.
+"""ICA post-processing of latents (docs/models.md, *Identifiability metrics and ICA*): whitening + FastICA, latent shifts, ICA masks.
 
 Used by the models (:meth:`cellpert.models.SAMSVAE.get_ica_masks`) and by the evaluation
 (:mod:`cellpert.evaluate`, which re-exports these functions).
@@ -44,7 +44,7 @@ def as_matrix(x: Any, name: str) -> np.ndarray:
 def ica_rotate(
     latent: Any, *, seed: int = 0, max_iter: int = 1000, tol: float = 1e-4
 ) -> np.ndarray:
-    """Whiten latent means and rotate them with FastICA (MODELS.md §7).
+    """Whiten latent means and rotate them with FastICA (docs/models.md, *Identifiability metrics and ICA*).
 
     Latents identifiable only up to a linear map are brought back to (near) independent
     axes; compare :func:`cellpert.evaluate.mcc` before and after. Whitening is done here (PCA on the

@@ -1,4 +1,4 @@
-"""Negative-binomial count likelihood with observed library size (MODELS.md §2)."""
+"""Negative-binomial count likelihood with observed library size (docs/models.md, *SAMS-VAE*)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class NBDecoder(nn.Module):
 
 
 def perturbseq_transform(x: torch.Tensor) -> torch.Tensor:
-    """MODELS.md §6's ATE space, ``log2(1e4 x / Σ_g x + 1)`` per row (empty rows stay 0)."""
+    """docs/models.md, *ATE space and data ATE*'s ATE space, ``log2(1e4 x / Σ_g x + 1)`` per row (empty rows stay 0)."""
     return torch.log2(1e4 * x / x.sum(-1, keepdim=True).clamp(min=1.0) + 1.0)
 
 

@@ -1,4 +1,4 @@
-"""Neural-network pieces shared by the model families (MODELS.md §2)."""
+"""Neural-network pieces shared by the model families (docs/models.md, *SAMS-VAE*)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class GaussianHead(nn.Module):
     n_output
         Dimension of the Normal.
     var_eps
-        Added to the variance (MODELS.md §2: 1e-4).
+        Added to the variance (docs/models.md, *SAMS-VAE*: 1e-4).
     """
 
     def __init__(self, n_hidden: int, n_output: int, var_eps: float = 1e-4) -> None:

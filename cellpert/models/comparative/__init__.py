@@ -1,4 +1,4 @@
-"""Comparative identifiable deep generative models (Lopez et al., CLeaR 2024; MODELS.md §5).
+"""Comparative identifiable deep generative models (Lopez et al., CLeaR 2024; docs/models.md, *Comparative VAE*).
 
 :class:`ComparativeVAE`: background cells decoded from a shared latent z, target cells
 from (z, t) with a salient latent t; Wasserstein (and optional MMD) regularisers;

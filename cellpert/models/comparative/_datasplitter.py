@@ -1,4 +1,4 @@
-"""Minibatches with background and target cells in proportion (MODELS.md §5).
+"""Minibatches with background and target cells in proportion (docs/models.md, *Comparative VAE*).
 
 scvi-tools' ``ContrastiveVI`` draws equal-sized background and target minibatches and
 stops the epoch when the smaller set runs out, so cells of the larger set are silently

@@ -1,4 +1,4 @@
-"""The comparative VAE as an scvi-tools model (Lopez et al., CLeaR 2024; MODELS.md §5)."""
+"""The comparative VAE as an scvi-tools model (Lopez et al., CLeaR 2024; docs/models.md, *Comparative VAE*)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _target_indicator(
 
 
 class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelClass):
-    """Comparative VAE: background data decoded from z, target data from (z, t) (MODELS.md §5).
+    """Comparative VAE: background data decoded from z, target data from (z, t) (docs/models.md, *Comparative VAE*).
 
     Background cells (e.g. controls) have ``z ~ N(0, I)`` and ``x ~ p(x | f(z, 0))``;
     target cells (perturbed or stimulated) also a salient ``t ~ N(0, I)`` and
@@ -483,7 +483,7 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         seed: int = 0,
         chunk_size: int | None = None,
     ) -> np.ndarray:
-        """Prior predictive mean expression per dosage row (for ATEs, MODELS.md §6).
+        """Prior predictive mean expression per dosage row (for ATEs, docs/models.md, *ATE space and data ATE*).
 
         A zero row is a background row (``t = 0``); any other row a target row (``t ~
         N(0, I)``): the model has one salient space for every target cell, so all

@@ -1,4 +1,4 @@
-"""Torch module of the comparative VAE (Lopez et al., CLeaR 2024; MODELS.md §5).
+"""Torch module of the comparative VAE (Lopez et al., CLeaR 2024; docs/models.md, *Comparative VAE*).
 
 Generative model, for a background cell (``g_i = 0``) and a target cell (``g_i = 1``)::
 
@@ -82,7 +82,7 @@ def mmd(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.5, 1.0,
 
 
 class ComparativeVAEModule(BaseModuleClass):
-    """Comparative VAE module: shared latent z, salient latent t (MODELS.md §5).
+    """Comparative VAE module: shared latent z, salient latent t (docs/models.md, *Comparative VAE*).
 
     Parameters
     ----------

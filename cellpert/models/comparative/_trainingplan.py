@@ -1,4 +1,4 @@
-"""Training modes of the comparative VAE (MODELS.md §5).
+"""Training modes of the comparative VAE (docs/models.md, *Comparative VAE*).
 
 - ``standard``: minimise the combined loss, ``−ELBO`` per cell plus a fixed weight times the
   background cells' mean Wasserstein penalty (scvi-tools' automatic optimisation).

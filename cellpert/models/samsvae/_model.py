@@ -1,4 +1,4 @@
-"""SAMS-VAE, CPA-VAE and the conditional VAE as scvi-tools models (MODELS.md §2–3)."""
+"""SAMS-VAE, CPA-VAE and the conditional VAE as scvi-tools models (docs/models.md, *SAMS-VAE*, *Baselines: CPA-VAE and conditional VAE*)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ __all__ = ["CPAVAE", "SAMSVAE", "ConditionalVAE"]
 logger = logging.getLogger(__name__)
 
 #: How evaluation draws the global latents (E, M): one draw per importance sample, shared
-#: by all cells (MODELS.md §6), or a single draw for every sample and cell.
+#: by all cells (docs/models.md, *ATE space and data ATE*), or a single draw for every sample and cell.
 GlobalDraws = Literal["per_sample", "single"]
 #: Step cap of ``train()`` when neither ``max_steps`` nor ``max_epochs`` is given (early
 #: stopping usually ends training sooner).
@@ -495,7 +495,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         global_draws: GlobalDraws = "per_sample",
         return_mean: bool = True,
     ) -> float | np.ndarray:
-        """Importance-weighted ELBO per cell (MODELS.md §6).
+        """Importance-weighted ELBO per cell (docs/models.md, *ATE space and data ATE*).
 
         Per cell, ``log (1/S) Σ_s p(x | z^b_s, E_s, M_s, ℓ_obs) p(z^b_s) / q(z^b_s | ·)``
         with ``S = n_samples``. Global variables are not scored against their priors.
@@ -503,7 +503,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         Parameters
         ----------
         global_draws
-            ``"per_sample"`` (MODELS.md §6): each importance sample s draws its own
+            ``"per_sample"`` (docs/models.md, *ATE space and data ATE*): each importance sample s draws its own
             (E_s, M_s) from q, shared by all cells, so the estimate also averages over
             q(E, M). ``"single"``: one draw of (E, M) for
             every sample and cell (the estimate then depends on that draw).
@@ -588,7 +588,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         return self.module.sample_globals(n_draws)["effect"]
 
     def _predictive_means(self, dosage, n_samples, library, transform, chunk_size) -> torch.Tensor:
-        """Prediction hook: (E, M) ~ q per particle, z^b ~ N(0, I) per row (MODELS.md §6)."""
+        """Prediction hook: (E, M) ~ q per particle, z^b ~ N(0, I) per row (docs/models.md, *ATE space and data ATE*)."""
         return self.module.predictive_means(dosage, n_samples, library, transform=transform, chunk_size=chunk_size)
 
 
@@ -615,7 +615,7 @@ _SHARED_DOC = """
 class SAMSVAE(_PerturbationVAE):
     """Sparse Additive Mechanism Shift VAE (Bereket & Karaletsos, 2023).
 
-    ``z_i = z^b_i + Σ_t D_it (E_t ⊙ M_t)`` with ``M_tk ~ Bernoulli(p)``; see MODELS.md §2.
+    ``z_i = z^b_i + Σ_t D_it (E_t ⊙ M_t)`` with ``M_tk ~ Bernoulli(p)``; see docs/models.md, *SAMS-VAE*.
     """
 
     __doc__ += _SHARED_DOC + """    guide
@@ -693,7 +693,7 @@ class SAMSVAE(_PerturbationVAE):
 
 
 class CPAVAE(_PerturbationVAE):
-    """CPA-VAE: SAMS-VAE without masks, ``z = z^b + D E``, mean-field q(E) (MODELS.md §3)."""
+    """CPA-VAE: SAMS-VAE without masks, ``z = z^b + D E``, mean-field q(E) (docs/models.md, *Baselines: CPA-VAE and conditional VAE*)."""
 
     __doc__ += _SHARED_DOC
     _variant = "cpa"
@@ -727,7 +727,7 @@ class CPAVAE(_PerturbationVAE):
 
 
 class ConditionalVAE(_PerturbationVAE):
-    """Conditional VAE: ``z ~ N(0, I)``, decoder ``p(x | z, D)``, encoder ``q(z | x̃, D)`` (MODELS.md §3)."""
+    """Conditional VAE: ``z ~ N(0, I)``, decoder ``p(x | z, D)``, encoder ``q(z | x̃, D)`` (docs/models.md, *Baselines: CPA-VAE and conditional VAE*)."""
 
     __doc__ += _SHARED_DOC
     _variant = "cvae"

@@ -1,4 +1,4 @@
-"""Torch module of SAMS-VAE, CPA-VAE and the conditional VAE (MODELS.md §2–3).
+"""Torch module of SAMS-VAE, CPA-VAE and the conditional VAE (docs/models.md, *SAMS-VAE*, *Baselines: CPA-VAE and conditional VAE*).
 
 One module class covers the three models of the SAMS-VAE paper; ``variant`` picks the
 generative model:
@@ -7,7 +7,7 @@ generative model:
 - ``"cpa"``: ``z_i = z^b_i + Σ_t D_it E_t`` (no masks, mean-field q(E));
 - ``"cvae"``: ``z_i ~ N(0, I)``, decoder input ``[z_i, D_i]``, encoder ``q(z | x̃, D)``.
 
-The loss is the Monte Carlo ELBO of MODELS.md §2 with ``n_particles`` particles: global
+The loss is the Monte Carlo ELBO of docs/models.md, *SAMS-VAE* with ``n_particles`` particles: global
 samples (E, M) are drawn once per particle and shared by every cell of the minibatch;
 each perturbation's global log-density ratio is spread over the cells that received it
 with weight ``1 / N_t`` (``N_t`` counted on the split being scored); controls carry no

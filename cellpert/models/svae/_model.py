@@ -1,4 +1,4 @@
-"""sVAE and sVAE+ as scvi-tools models (Lopez et al., CLeaR 2023; MODELS.md §4)."""
+"""sVAE and sVAE+ as scvi-tools models (Lopez et al., CLeaR 2023; docs/models.md, *sVAE and sVAE+*)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def _resolve_controls(
 
 
 class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
-    """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (MODELS.md §4).
+    """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (docs/models.md, *sVAE and sVAE+*).
 
     One label a per cell; ``z ~ N(m ⊙ μ_a, I)`` with hard Gumbel-sigmoid masks m from
     learned logits; label-agnostic encoder from ``log1p(x)``; NB decoder with observed
@@ -600,7 +600,7 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
 
 
 class SVAEPlus(SVAE):
-    """sVAE+: sVAE with a Beta(1, K_beta) prior on the mask probabilities (MODELS.md §4).
+    """sVAE+: sVAE with a Beta(1, K_beta) prior on the mask probabilities (docs/models.md, *sVAE and sVAE+*).
 
     Loss ``n_obs · mean_i[rec + β w KL] + w · (−Σ_{a,k} log Beta(σ(log_alpha); 1, K_beta))``
     with n_obs the number of training cells (see :mod:`cellpert.models.svae._module` for

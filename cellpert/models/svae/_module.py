@@ -1,4 +1,4 @@
-"""Torch module of sVAE and sVAE+ (Lopez et al., CLeaR 2023; MODELS.md §4).
+"""Torch module of sVAE and sVAE+ (Lopez et al., CLeaR 2023; docs/models.md, *sVAE and sVAE+*).
 
 Generative model, one perturbation label a_i per cell (combinations are their own label):
 
@@ -290,7 +290,7 @@ class SVAEModule(BaseModuleClass):
         kl_weight: float | torch.Tensor = 1.0,
         n_obs: int | None = None,
     ) -> LossOutput:
-        """The sVAE / sVAE+ loss of MODELS.md §4 (see the module docstring).
+        """The sVAE / sVAE+ loss of docs/models.md, *sVAE and sVAE+* (see the module docstring).
 
         Parameters
         ----------

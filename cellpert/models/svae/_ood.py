@@ -1,4 +1,4 @@
-"""The three-stage out-of-distribution protocol of sVAE for held-out perturbations (MODELS.md §4)."""
+"""The three-stage out-of-distribution protocol of sVAE for held-out perturbations (docs/models.md, *sVAE and sVAE+*)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def out_of_distribution(
     batch_size: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Three-stage out-of-distribution evaluation of held-out perturbations (MODELS.md §4).
+    """Three-stage out-of-distribution evaluation of held-out perturbations (docs/models.md, *sVAE and sVAE+*).
 
     1. ELBO / IWELBO of the held-out cells right after training (their μ untrained);
     2. reset μ and log_alpha of the held-out labels, freeze every mask at its thresholded
