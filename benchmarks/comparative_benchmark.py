@@ -146,8 +146,8 @@ def fit_ours(adata, method: str, dt: int, seed: int, args: argparse.Namespace) -
     tg, bg = eval_indices(adata, args)
     out = {
         "z_hat": model.get_latent_representation(indices=tg),
-        "t_hat": model.get_latent_representation(indices=tg, representation="salient"),
-        "t_hat_bg": model.get_latent_representation(indices=bg, representation="salient"),
+        "t_hat": model.get_latent_representation(indices=tg, kind="salient"),
+        "t_hat_bg": model.get_latent_representation(indices=bg, kind="salient"),
         "train_s": train_s,
         "final_penalty_weight": float(model.final_penalty_weight_),
     }

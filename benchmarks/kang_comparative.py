@@ -161,7 +161,7 @@ def fit_comparative(
         enable_progress_bar=False,
     )
     z = model.get_latent_representation()
-    t = model.get_latent_representation(representation="salient")
+    t = model.get_latent_representation(kind="salient")
     extra = {"final_penalty_weight": float(model.final_penalty_weight_)}
     history = model.history
     if "wasserstein_train" in history:

@@ -163,7 +163,7 @@ def test_recovers_the_blocks_when_correctly_specified(trained, simulated):
     test = simulated.obs["cellpert_split"].to_numpy() != "train"
     target = trained.is_target() & test
     z_hat = trained.get_latent_representation()
-    t_hat = trained.get_latent_representation(representation="salient")
+    t_hat = trained.get_latent_representation(kind="salient")
     scores = block_leakage(
         simulated.obsm["X_true_background"][target], simulated.obsm["X_true_salient"][target], z_hat[target], t_hat[target]
     )
@@ -193,7 +193,7 @@ def test_seeded_training_is_deterministic_and_save_load_round_trips(simulated, t
     loaded = ComparativeVAE.load(str(tmp_path / "model"), adata=_setup(simulated))
     for kind in ("background", "salient"):
         assert np.allclose(
-            loaded.get_latent_representation(representation=kind), first.get_latent_representation(representation=kind)
+            loaded.get_latent_representation(kind=kind), first.get_latent_representation(kind=kind)
         )
     assert loaded.get_iwelbo(split="test", n_samples=10) == pytest.approx(first.get_iwelbo(split="test", n_samples=10))
 

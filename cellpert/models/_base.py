@@ -242,12 +242,13 @@ class LikelihoodMixin:
         indices: Sequence[int] | None = None,
         *,
         split: SplitName | None = None,
-        n_samples: int = 10,
+        n_samples: int = 100,
         batch_size: int | None = None,
         seed: int = 0,
         return_mean: bool = True,
     ) -> float | np.ndarray:
-        """ELBO per cell, ``E_q[log p(x | ·)] − KL(q ‖ prior)``: ``n_samples`` draws, analytic KL.
+        """ELBO per cell, ``E_q[log p(x | ·)] − KL(q ‖ prior)``: ``n_samples`` draws, analytic KL
+        (100 by default, as :meth:`get_iwelbo` and every family's ``get_elbo``).
 
         Returns
         -------

@@ -30,8 +30,9 @@ import math
 import lightning.pytorch as pl
 import torch
 from scvi.module.base import LossOutput
+from scvi.train import TrainingPlan
 
-__all__ = ["EpochMetricsMixin", "WarmupAwareEarlyStopping"]
+__all__ = ["CellpertTrainingPlan", "EpochMetricsMixin", "WarmupAwareEarlyStopping"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,40 @@ class EpochMetricsMixin:
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         self._flush_epoch("validation", self.val_metrics)
+
+
+class CellpertTrainingPlan(EpochMetricsMixin, TrainingPlan):
+    """scvi-tools' :class:`~scvi.train.TrainingPlan` with epoch-level metrics and
+    per-parameter learning rates, the base of every family's training plan.
+
+    Parameters
+    ----------
+    module
+        The module.
+    param_lrs
+        Option: ``{module attribute name: learning rate}`` for parameters that get their
+        own Adam learning rate (e.g. SAMS-VAE's ``mask_logits``, sVAE's ``shift_mean``
+        and ``log_alpha``); every other parameter uses ``lr``. Ignored unless the
+        optimizer is Adam.
+    **kwargs
+        :class:`~scvi.train.TrainingPlan` arguments.
+    """
+
+    def __init__(self, module, *, param_lrs: dict[str, float] | None = None, **kwargs) -> None:
+        super().__init__(module, **kwargs)
+        self.param_lrs = {k: float(v) for k, v in (param_lrs or {}).items() if v is not None}
+
+    def configure_optimizers(self):
+        """Adam, with the parameters named in ``param_lrs`` in their own groups."""
+        special = {name: getattr(self.module, name, None) for name in self.param_lrs}
+        special = {name: p for name, p in special.items() if isinstance(p, torch.nn.Parameter)}
+        if not special or self.optimizer_name != "Adam":
+            return super().configure_optimizers()
+        chosen = {id(p) for p in special.values()}
+        others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in chosen]
+        groups = [{"params": others}] + [{"params": [p], "lr": self.param_lrs[n]} for n, p in special.items()]
+        optimizer = torch.optim.Adam(groups, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        return {"optimizer": optimizer}
 
 
 class WarmupAwareEarlyStopping(pl.Callback):

@@ -110,9 +110,24 @@ DATA_OPTIONS: dict[str, Any] = {
 }
 
 
-def _accepted(func) -> set[str]:
+def _accepted(func, cls: type | None = None) -> set[str]:
+    """Named arguments of ``func``; a method that forwards ``**kwargs`` to the same method
+    of a base class of ``cls`` (a family's ``train`` -> the shared template) also takes
+    the base's."""
     params = inspect.signature(func).parameters
-    return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self", "adata"}
+    names = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self", "adata"}
+    if cls is not None and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for base in cls.__mro__[1:]:
+            parent = base.__dict__.get(func.__name__)
+            if parent is not None and parent is not func:
+                # only cellpert's own template; scvi-tools' **trainer_kwargs are not run options
+                return names | _accepted(parent, base) if base.__module__.startswith("cellpert.") else names
+    return names
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO that defines ``name``."""
+    return next(c for c in cls.__mro__ if name in c.__dict__)
 
 
 #: setup_anndata arguments the workflow sets itself.
@@ -138,7 +153,7 @@ def resolve_run_config(
     name = cli_options.get("model", file_options.get("model"))
     entry = get_entry(name)
     cls = entry.load_class()
-    init_args, train_args, setup_args = _accepted(cls.__init__), _accepted(cls.train), _setup_args(cls)
+    init_args, train_args, setup_args = _accepted(cls.__init__), _accepted(cls.train, _owner(cls, "train")), _setup_args(cls)
     known = set(DATA_OPTIONS) | init_args | train_args | setup_args
     unknown = sorted(set(cli_options) - known)
     if unknown:

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -16,7 +15,6 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, as_list, gene_log1p_stats, recorded_screen_keys
@@ -25,10 +23,10 @@ from cellpert.models._base import (
     LikelihoodMixin,
     SplitMixin,
     SplitName,
-    resolve_epochs,
     seeded,
 )
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
+from cellpert.models._training import COMMON_TRAIN_DOC, PerturbationTrainingMixin
 from cellpert.models.comparative._datasplitter import ComparativeDataSplitter
 from cellpert.models.comparative._module import (
     IS_TARGET_KEY,
@@ -89,7 +87,7 @@ def _target_indicator(
     return (np.diff(dosage.indptr) > 0).astype(np.float32)
 
 
-class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelClass):
+class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, PerturbationTrainingMixin, BaseModelClass):
     """Comparative VAE: background data decoded from z, target data from (z, t) (docs/models.md, *Comparative VAE*).
 
     Background cells (e.g. controls) have ``z ~ N(0, I)`` and ``x ~ p(x | f(z, 0))``;
@@ -125,7 +123,7 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
     >>> ComparativeVAE.setup_anndata(adata)  # controls are the background
     >>> model = ComparativeVAE(adata, n_background_latent=10, n_salient_latent=2)
     >>> model.train(max_epochs=200, mode="constrained", constraint_level=0.05)
-    >>> adata.obsm["X_salient"] = model.get_latent_representation(representation="salient")
+    >>> adata.obsm["X_salient"] = model.get_latent_representation(kind="salient")
     """
 
     _module_cls = ComparativeVAEModule
@@ -273,6 +271,19 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         return list(self.perturbation_names_)
 
     # ------------------------------------------------------------------ train
+    _train_defaults = {
+        "batch_size": 128,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "early_stopping": False,
+        "early_stopping_patience": None,
+        "restore_best": False,
+    }
+
+    def _datamodule(self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int) -> Any:
+        """Minibatches hold background and target cells in proportion (see the splitter)."""
+        return ComparativeDataSplitter(self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size)
+
     def train(
         self,
         max_steps: int | None = None,
@@ -283,29 +294,21 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         mmd_weight: float = 0.0,
         constraint_level: float = 0.05,
         dual_lr: float = 0.1,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         n_epochs_kl_warmup: int | None = None,
         gradient_clip_val: float | None = None,
-        early_stopping: bool = False,
-        check_val_every_n_epoch: int = 1,
-        seed: int | None = None,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_indices: Sequence[int] | None = None,
-        val_indices: Sequence[int] | None = None,
         plan_kwargs: dict | None = None,
-        **trainer_kwargs: Any,
+        **kwargs: Any,
     ):
         """Train with Adam; minibatches hold background and target cells in proportion.
 
+        The common options and their defaults here: batch size 128 (nominal, see
+        :class:`~cellpert.models.comparative._datasplitter.ProportionalBatchSampler`), lr
+        1e-3, weight decay 0, no early stopping and no best-state restore (the paper
+        trains a fixed number of epochs); with neither ``max_steps`` nor ``max_epochs``,
+        scvi-tools' epoch heuristic.
+
         Parameters
         ----------
-        max_steps
-            Optimisation steps (takes precedence over ``max_epochs``).
-        max_epochs
-            Epochs when ``max_steps`` is None (default: scvi-tools' heuristic).
         mode
             ``"standard"``: fixed ``penalty_weight``; ``"multi-objective"``: the min-norm
             direction of the background and target objectives each step;
@@ -323,36 +326,16 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
             0.05.
         dual_lr
             η, the dual-ascent step size per training step (constrained).
-        batch_size
-            Nominal minibatch size (see
-            :class:`~cellpert.models.comparative._datasplitter.ProportionalBatchSampler`).
-        lr, weight_decay
-            Adam's learning rate and weight decay (eps 1e-8).
         n_epochs_kl_warmup
             Epochs of linear KL warm-up (None: none).
         gradient_clip_val
-            Clip the gradient norm (every mode).
-        early_stopping
-            scvi-tools' early stopping on the validation ELBO.
-        check_val_every_n_epoch
-            Validation frequency.
-        seed
-            Seeds data order and every draw (default: the model's ``seed``).
-        accelerator, devices
-            Lightning devices.
-        train_indices, val_indices
-            Override the cells of the split.
-        plan_kwargs
-            Extra :class:`~scvi.train.TrainingPlan` arguments.
-        **trainer_kwargs
-            Extra :class:`~scvi.train.Trainer` arguments.
+            Clip the gradient norm (every mode; the multi-objective mode clips its manual
+            step itself).
 
-        Returns
-        -------
-        Whatever scvi-tools' :class:`~scvi.train.TrainRunner` returns. The history
-        (``model.history``) has, per epoch, ``penalty_weight`` (λ's trajectory),
-        ``wasserstein_train`` and, in the multi-objective mode, ``mgda_alpha``.
-        """
+        The history (``model.history``) has, per epoch, ``penalty_weight`` (λ's
+        trajectory), ``wasserstein_train`` and, in the multi-objective mode,
+        ``mgda_alpha``; ``final_penalty_weight_`` is λ at the end.
+"""
         if mode not in MODES:
             raise CellpertInputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}.")
         if not penalty_weight >= 0 or not mmd_weight >= 0:
@@ -361,18 +344,7 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
             raise CellpertInputError(
                 f"constraint_level is a fraction of the salient prior's energy, in (0, 1); got {constraint_level}."
             )
-        seed = self.seed if seed is None else int(seed)
-        train_idx = self.split_indices("train") if train_indices is None else np.asarray(train_indices)
-        val_idx = self.split_indices("val") if val_indices is None else np.asarray(val_indices)
-        max_epochs, _ = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
-        splitter = ComparativeDataSplitter(
-            self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size
-        )
         plan = {
-            "optimizer": "Adam",
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "eps": 1e-8,
             "n_epochs_kl_warmup": n_epochs_kl_warmup or None,
             "n_steps_kl_warmup": None,
             "mode": mode,
@@ -382,32 +354,15 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
             "dual_lr": dual_lr,
             **(plan_kwargs or {}),
         }
-        training_plan = self._training_plan_cls(self.module, **plan)
         if mode == "multi-objective":
-            training_plan.manual_clip_norm = gradient_clip_val
-        elif gradient_clip_val is not None:
-            trainer_kwargs["gradient_clip_val"] = gradient_clip_val
-        trainer_kwargs.setdefault("enable_progress_bar", False)
-        trainer_kwargs.setdefault("enable_model_summary", False)
-        if early_stopping and len(val_idx):
-            trainer_kwargs.update(early_stopping=True, early_stopping_monitor="elbo_validation")
-        pl.seed_everything(seed, workers=True, verbose=False)
-        runner = TrainRunner(
-            self,
-            training_plan=training_plan,
-            data_splitter=splitter,
-            max_epochs=max_epochs,
-            max_steps=-1 if max_steps is None else int(max_steps),
-            accelerator=accelerator,
-            devices=devices,
-            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
-            **trainer_kwargs,
-        )
-        out = runner()
+            plan["manual_clip_norm"] = gradient_clip_val
+            gradient_clip_val = None  # Lightning cannot clip a manually optimised step
+        out = super().train(max_steps, max_epochs, gradient_clip_val=gradient_clip_val, plan_kwargs=plan, **kwargs)
         self.training_mode_ = mode
-        self.final_penalty_weight_ = training_plan.multiplier
-        self.module.eval()
+        self.final_penalty_weight_ = self.trainer.lightning_module.multiplier
         return out
+
+    train.__doc__ = (train.__doc__ or "") + COMMON_TRAIN_DOC
 
     # ------------------------------------------------------------- accessors
     def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -418,12 +373,12 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
         *,
-        representation: Literal["background", "salient"] = "background",
+        kind: Literal["background", "salient"] = "background",
+        batch_size: int | None = None,
         split: SplitName | None = None,
     ) -> np.ndarray:
-        """Posterior means of the shared latent z or of the salient latent t.
+        """Posterior means of the shared latent z (``kind="background"``) or of the salient latent t.
 
         The salient means are the encoder's for every cell, background cells included
         (the model decodes those with t = 0; their salient means measure leakage).
@@ -432,18 +387,20 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         -------
         (n_cells, d_z) or (n_cells, d_t) float32 array.
         """
-        if representation not in ("background", "salient"):
-            raise CellpertInputError(f"representation must be 'background' or 'salient', got {representation!r}.")
+        if kind not in ("background", "salient"):
+            raise CellpertInputError(f"kind must be 'background' or 'salient', got {kind!r}.")
         self.module.eval()
-        key = "qz_loc" if representation == "background" else "qt_loc"
+        key = "qz_loc" if kind == "background" else "qt_loc"
         idx = self._indices(adata, indices, split)
         out = [self.module.encode(t[REGISTRY_KEYS.X_KEY])[key].cpu().numpy() for t in self._eval_batches(adata, idx, batch_size)]
-        width = self.module.n_background_latent if representation == "background" else self.module.n_salient_latent
+        width = self.module.n_background_latent if kind == "background" else self.module.n_salient_latent
         return np.concatenate(out, axis=0) if out else np.zeros((0, width), np.float32)
 
-    def get_salient_representation(self, adata: AnnData | None = None, indices: Sequence[int] | None = None, batch_size: int | None = None) -> np.ndarray:
-        """Posterior means of t (:meth:`get_latent_representation` with ``representation="salient"``)."""
-        return self.get_latent_representation(adata, indices, batch_size, representation="salient")
+    def get_salient_representation(
+        self, adata: AnnData | None = None, indices: Sequence[int] | None = None, *, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Posterior means of t (:meth:`get_latent_representation` with ``kind="salient"``)."""
+        return self.get_latent_representation(adata, indices, kind="salient", batch_size=batch_size)
 
     def is_target(self, adata: AnnData | None = None) -> np.ndarray:
         """Boolean membership per cell: True for target, False for background."""
@@ -467,7 +424,7 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, BaseModelCl
         return {
             "obsm": {
                 "background": self.get_latent_representation(adata, batch_size=batch_size),
-                "salient": self.get_latent_representation(adata, batch_size=batch_size, representation="salient"),
+                "salient": self.get_latent_representation(adata, kind="salient", batch_size=batch_size),
             },
             "uns": {"training": training},
         }

@@ -27,9 +27,8 @@ import logging
 from typing import Literal
 
 import torch
-from scvi.train import TrainingPlan
 
-from cellpert.models._trainingplan import EpochMetricsMixin
+from cellpert.models._trainingplan import CellpertTrainingPlan
 
 __all__ = ["MODES", "ComparativeTrainingPlan", "Mode", "dual_ascent_step", "min_norm_coefficient"]
 
@@ -62,7 +61,7 @@ def dual_ascent_step(multiplier: float, value: float, level: float, lr: float) -
     return max(0.0, float(multiplier) + float(lr) * (float(value) - float(level)))
 
 
-class ComparativeTrainingPlan(EpochMetricsMixin, TrainingPlan):
+class ComparativeTrainingPlan(CellpertTrainingPlan):
     """:class:`~scvi.train.TrainingPlan` with the three fitting modes of the comparative VAE.
 
     Parameters
@@ -81,8 +80,12 @@ class ComparativeTrainingPlan(EpochMetricsMixin, TrainingPlan):
         background cells' salient posteriors.
     dual_lr
         η, the dual-ascent step size (constrained mode).
+    manual_clip_norm
+        Gradient-norm clipping of the manual (multi-objective) step (None: none);
+        Lightning clips only automatically optimised steps.
     **kwargs
-        :class:`~scvi.train.TrainingPlan` arguments (optimizer, lr, KL warm-up, ...).
+        :class:`~cellpert.models._trainingplan.CellpertTrainingPlan` arguments (optimizer,
+        lr, KL warm-up, ...).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class ComparativeTrainingPlan(EpochMetricsMixin, TrainingPlan):
         mmd_weight: float = 0.0,
         constraint_level: float = 0.05,
         dual_lr: float = 0.1,
+        manual_clip_norm: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(module, penalty_weight=float(penalty_weight), mmd_weight=float(mmd_weight), **kwargs)
@@ -104,7 +108,7 @@ class ComparativeTrainingPlan(EpochMetricsMixin, TrainingPlan):
         self.alpha_: float | None = None
         #: gradient-norm clipping of the manual (multi-objective) step (None: none); Lightning
         #: clips only automatically optimised steps.
-        self.manual_clip_norm: float | None = None
+        self.manual_clip_norm: float | None = manual_clip_norm
 
     @property
     def multiplier(self) -> float:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
-import time
 from collections.abc import Sequence
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -18,7 +15,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, NumericalObsField, ObsmField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
@@ -27,13 +24,12 @@ from cellpert.models._base import (
     DosageLabelsMixin,
     SplitMixin,
     SplitName,
-    resolve_epochs,
     seeded,
 )
 from cellpert.models._components._ica import ica_masks
 from cellpert.models._keys import DOSAGE_KEY, LIBRARY_KEY
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
-from cellpert.models._trainingplan import WarmupAwareEarlyStopping
+from cellpert.models._training import COMMON_TRAIN_DOC, PerturbationTrainingMixin
 from cellpert.models.samsvae._module import PerturbationVAEModule
 from cellpert.models.samsvae._trainingplan import PerturbationTrainingPlan, TemperatureCallback
 
@@ -52,12 +48,22 @@ DEFAULT_MASK_LOGITS_LR = 3e-2
 
 
 
-class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, PerturbationTrainingMixin, BaseModelClass):
     """Shared model code of SAMS-VAE, CPA-VAE and the conditional VAE."""
 
     _module_cls = PerturbationVAEModule
     _training_plan_cls = PerturbationTrainingPlan
     _variant: str = "sams"
+    _train_defaults = {
+        "batch_size": 512,
+        "lr": 3e-4,
+        "weight_decay": 1e-6,
+        "early_stopping": True,
+        "early_stopping_patience": None,
+        "restore_best": True,
+    }
+    _default_max_steps = DEFAULT_MAX_STEPS
+    _monitor = "validation_loss"
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -175,56 +181,21 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         max_steps: int | None = None,
         max_epochs: int | None = None,
         *,
-        batch_size: int = 512,
-        lr: float = 3e-4,
-        weight_decay: float = 1e-6,
-        gradient_clip_val: float | None = None,
-        check_val_every_n_epoch: int = 1,
-        restore_best: bool = True,
-        early_stopping: bool = True,
-        early_stopping_patience: int | None = None,
-        max_time: float | None = None,
-        seed: int | None = None,
         mask_temperature_final: float | None = None,
         mask_logits_lr: float | None = DEFAULT_MASK_LOGITS_LR,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
         plan_kwargs: dict | None = None,
-        **trainer_kwargs,
+        **kwargs,
     ):
         """Train with Adam on the training split, validating on the validation split.
 
+        The common options and their SAMS-VAE-family defaults: batch size 512, lr 3e-4,
+        weight decay 1e-6 (the paper's), early stopping on (the paper trains a fixed
+        number of steps: ``early_stopping=False`` with ``max_steps``), step cap
+        :data:`DEFAULT_MAX_STEPS` (the paper's Norman run: 30,000); gradient clipping
+        (paper, Norman: 100) is off by default.
+
         Parameters
         ----------
-        max_steps
-            Cap on the optimisation steps (takes precedence over ``max_epochs``). With
-            neither, training runs until early stopping, at most
-            :data:`DEFAULT_MAX_STEPS` steps (the paper's Norman run: 30,000).
-        max_epochs
-            Cap on the epochs when ``max_steps`` is None.
-        batch_size
-            Minibatch size (paper: 512).
-        lr, weight_decay
-            Adam learning rate and weight decay (paper: 3e-4, 1e-6).
-        gradient_clip_val
-            Clip the gradient norm at this value (paper, Norman: 100); None: no clipping.
-        check_val_every_n_epoch
-            Validation frequency.
-        restore_best
-            Keep the module state with the best validation loss and restore it at the end
-            (paper behaviour); needs validation cells.
-        early_stopping
-            Stop once the validation loss has not improved for ``early_stopping_patience``
-            validation checks (cellpert's default; the paper trains a fixed number of
-            steps: pass ``early_stopping=False`` with ``max_steps``). Needs validation cells.
-        early_stopping_patience
-            Validation checks without improvement before stopping (default: enough checks
-            to span 1,000 steps, and at least 10).
-        max_time
-            Cap on the training wall time, in seconds (None: no cap).
-        seed
-            Seeds data order and Monte Carlo draws (default: the model's ``seed``); same
-            seed, same result on CPU.
         mask_temperature_final
             Option (not in the paper): anneal the relaxed-Bernoulli temperature
             geometrically from ``mask_temperature`` to this value over training.
@@ -235,77 +206,16 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
             tens of thousands of steps to leave their initial value: on the Norman subset
             after 2,000 steps their mean q was still 0.44 and the held-out ATE r 0.35;
             with 3e-2 the masks settle (mean q 0.02) and r reaches 0.47.
-        accelerator, devices
-            Lightning devices.
-        plan_kwargs
-            Extra :class:`~scvi.train.TrainingPlan` arguments.
-        **trainer_kwargs
-            Extra :class:`~scvi.train.Trainer` arguments (e.g. ``enable_progress_bar``).
-        """
-        seed = self.seed if seed is None else seed
-        train_idx = self.split_indices("train")
-        val_idx = self.split_indices("val")
-        if max_steps is None and max_epochs is None:
-            max_steps = DEFAULT_MAX_STEPS
-        max_epochs, total_steps = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
-        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-
-        callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
-        self._stopper = None
-        if len(val_idx) and (restore_best or early_stopping):
-            if early_stopping_patience is None:
-                early_stopping_patience = max(10, math.ceil(1000 / (steps_per_epoch * check_val_every_n_epoch)))
-            self._stopper = WarmupAwareEarlyStopping(
-                "validation_loss",
-                patience=int(early_stopping_patience) if early_stopping else None,
-                restore_best=restore_best,
-            )
-            callbacks.append(self._stopper)
-        if mask_temperature_final is not None:
-            callbacks.append(
-                TemperatureCallback(self.module.mask_temperature, mask_temperature_final, total_steps)
-            )
-        plan = {"optimizer": "Adam", "lr": lr, "weight_decay": weight_decay, "eps": 1e-8}
+"""
+        plan = dict(plan_kwargs or {})
         if mask_logits_lr is not None:
-            plan["mask_logits_lr"] = mask_logits_lr
-        plan.update(plan_kwargs or {})
-        if gradient_clip_val is not None:
-            trainer_kwargs["gradient_clip_val"] = gradient_clip_val
-        if max_time is not None:
-            trainer_kwargs["max_time"] = datetime.timedelta(seconds=float(max_time))
-        trainer_kwargs.setdefault("enable_progress_bar", False)
-        pl.seed_everything(seed, workers=True, verbose=False)
-        start = time.perf_counter()
-        out = super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            batch_size=batch_size,
-            datasplitter_kwargs={"external_indexing": self.external_indexing(self.adata.n_obs, train_idx, val_idx)},
-            plan_kwargs=plan,
-            max_steps=-1 if max_steps is None else max_steps,
-            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
-            callbacks=callbacks,
-            **trainer_kwargs,
-        )
-        wall = time.perf_counter() - start
-        trainer = getattr(self, "trainer", None)
-        steps = int(trainer.global_step) if trainer is not None else total_steps
-        self.training_summary_ = {
-            "steps": steps,
-            "epochs": int(trainer.current_epoch) if trainer is not None else max_epochs,
-            "wall_time_s": round(wall, 3),
-            "steps_per_s": round(steps / wall, 3) if wall > 0 else None,
-            "max_steps": max_steps,
-            "stopped_early": bool(self._stopper is not None and self._stopper.stopped_epoch is not None),
-            "patience": early_stopping_patience if early_stopping else None,
-        }
-        if self._stopper is not None:
-            self.best_step_ = self._stopper.best_step
-            self.best_validation_loss_ = self._stopper.best_score
-            self.training_summary_.update(best_step=self.best_step_, best_validation_loss=float(self.best_validation_loss_))
-        self.module.eval()
-        return out
+            plan.setdefault("param_lrs", {"mask_logits": mask_logits_lr})
+        callbacks = list(kwargs.pop("callbacks", []) or [])
+        if mask_temperature_final is not None:
+            callbacks.append(TemperatureCallback(self.module.mask_temperature, mask_temperature_final))
+        return super().train(max_steps, max_epochs, plan_kwargs=plan, callbacks=callbacks, **kwargs)
+
+    train.__doc__ = (train.__doc__ or "") + COMMON_TRAIN_DOC
 
     # ------------------------------------------------------------- helpers
     @staticmethod
@@ -318,9 +228,9 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Unsup
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
+        *,
         kind: Literal["basal", "latent"] = "basal",
         batch_size: int | None = None,
-        *,
         split: SplitName | None = None,
         n_samples: int = 10,
         seed: int = 0,

@@ -14,46 +14,17 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
-import torch
-from scvi.train import TrainingPlan
 
-from cellpert.models._trainingplan import EpochMetricsMixin
+from cellpert.models._trainingplan import CellpertTrainingPlan
 
 __all__ = ["PerturbationTrainingPlan", "TemperatureCallback"]
 
 logger = logging.getLogger(__name__)
 
 
-class PerturbationTrainingPlan(EpochMetricsMixin, TrainingPlan):
-    """:class:`~scvi.train.TrainingPlan` whose validation loss uses validation ``N_t``.
-
-    Parameters
-    ----------
-    module
-        The module.
-    mask_logits_lr
-        Option: a separate Adam learning rate for the q(M) logits (default: ``lr``).
-    **kwargs
-        :class:`~scvi.train.TrainingPlan` arguments.
-    """
-
-    def __init__(self, module, *, mask_logits_lr: float | None = None, **kwargs) -> None:
-        super().__init__(module, **kwargs)
-        self.mask_logits_lr = mask_logits_lr
-
-    def configure_optimizers(self):
-        """Adam; the mask logits in their own parameter group when ``mask_logits_lr`` is set."""
-        logits = getattr(self.module, "mask_logits", None)
-        if self.mask_logits_lr is None or logits is None or self.optimizer_name != "Adam":
-            return super().configure_optimizers()
-        others = [p for p in self.module.parameters() if p.requires_grad and p is not logits]
-        optimizer = torch.optim.Adam(
-            [{"params": others}, {"params": [logits], "lr": self.mask_logits_lr}],
-            lr=self.lr,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-        )
-        return {"optimizer": optimizer}
+class PerturbationTrainingPlan(CellpertTrainingPlan):
+    """:class:`~cellpert.models._trainingplan.CellpertTrainingPlan` whose validation loss
+    uses validation ``N_t`` (the mask logits' own learning rate: ``param_lrs``)."""
 
     def validation_step(self, batch, batch_idx):
         """Validation step: the loss with ``split="val"``."""
@@ -65,16 +36,22 @@ class TemperatureCallback(pl.Callback):
     """Anneal the relaxed-Bernoulli temperature geometrically from ``start`` to ``end``.
 
     The temperature after step ``s`` of ``n_steps`` is ``start · (end/start)^(s/n_steps)``
-    (held at ``end`` afterwards).
+    (held at ``end`` afterwards); ``n_steps`` defaults to the trainer's planned number of
+    steps (``trainer.estimated_stepping_batches``).
     """
 
-    def __init__(self, start: float, end: float, n_steps: int) -> None:
+    def __init__(self, start: float, end: float, n_steps: int | None = None) -> None:
         super().__init__()
-        self.start, self.end, self.n_steps = float(start), float(end), max(int(n_steps), 1)
+        self.start, self.end = float(start), float(end)
+        self.n_steps = None if n_steps is None else max(int(n_steps), 1)
 
     def temperature(self, step: int) -> float:
-        frac = min(step / self.n_steps, 1.0)
+        frac = min(step / (self.n_steps or 1), 1.0)
         return self.start * (self.end / self.start) ** frac
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.n_steps is None:
+            self.n_steps = max(int(trainer.estimated_stepping_batches), 1)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         pl_module.module.mask_temperature = self.temperature(trainer.global_step)

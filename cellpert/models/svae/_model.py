@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -15,7 +14,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.model.base import BaseModelClass
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import (
@@ -30,13 +29,13 @@ from cellpert.models._base import (
     LikelihoodMixin,
     SplitMixin,
     SplitName,
-    resolve_epochs,
     seeded,
 )
 from cellpert.models._keys import LABEL_KEY, LIBRARY_KEY
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
+from cellpert.models._training import COMMON_TRAIN_DOC, PerturbationTrainingMixin
 from cellpert.models.svae._module import Prior, SVAEModule
-from cellpert.models.svae._trainingplan import SVAETrainingPlan, WarmupAwareEarlyStopping
+from cellpert.models.svae._trainingplan import SVAETrainingPlan
 
 __all__ = ["DEFAULT_LABEL_KEY", "SVAE", "SVAEPlus", "labels_from_dosage", "prepare_labels"]
 
@@ -117,7 +116,7 @@ def _resolve_controls(
         return []
 
 
-class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, PerturbationTrainingMixin, BaseModelClass):
     """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (docs/models.md, *sVAE and sVAE+*).
 
     One label a per cell; ``z ~ N(m ⊙ μ_a, I)`` with hard Gumbel-sigmoid masks m from
@@ -316,42 +315,34 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         return np.flatnonzero(wanted[self._label_codes(adata)])
 
     # ------------------------------------------------------------------ train
+    _train_defaults = {
+        "batch_size": 128,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "early_stopping": True,
+        "early_stopping_patience": 45,
+        "restore_best": True,
+    }
+
     def train(
         self,
         max_steps: int | None = None,
         max_epochs: int | None = None,
         *,
-        batch_size: int = 128,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         perturbation_lr: float | None = None,
         n_epochs_kl_warmup: int | None = 50,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 45,
-        restore_best: bool = True,
-        check_val_every_n_epoch: int = 1,
-        seed: int | None = None,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_indices: Sequence[int] | None = None,
-        val_indices: Sequence[int] | None = None,
         plan_kwargs: dict | None = None,
-        **trainer_kwargs: Any,
+        **kwargs: Any,
     ):
         """Train with Adam on the training split; early stopping on the validation ELBO.
 
+        The common options and their sVAE defaults: batch size 128, lr 1e-3, weight decay
+        0, early stopping on with a patience of 45 epochs counted after the warm-up, best
+        state restored; with neither ``max_steps`` nor ``max_epochs``, scvi-tools' epoch
+        heuristic.
+
         Parameters
         ----------
-        max_steps
-            Number of optimisation steps (takes precedence over ``max_epochs``).
-        max_epochs
-            Number of epochs when ``max_steps`` is None (default: scvi-tools' heuristic).
-        batch_size
-            Minibatch size (128).
-        lr, weight_decay
-            Adam learning rate (1e-3) and weight decay (0). Adam's ``eps`` is the usual
-            1e-8, not scvi-tools' 0.01: with 0.01 the small gradients of the mask logits
-            (σ'(5) ≈ 0.007) are swamped and the masks never move.
         perturbation_lr
             Option (not in the paper): a separate Adam learning rate for the perturbation
             parameters μ and log_alpha. With lr 1e-3 Adam moves each of them by at most
@@ -360,91 +351,16 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
             ``perturbation_lr`` shortens compute-limited runs. None: ``lr``.
         n_epochs_kl_warmup
             Epochs of linear KL warm-up w: 0 → 1 (50). None or 0: no warm-up.
-        early_stopping
-            Stop when the validation ELBO has not improved for ``early_stopping_patience``
-            epochs, counted after the warm-up (needs validation cells).
-        restore_best
-            Restore the state with the best post-warm-up validation ELBO at the end.
-        check_val_every_n_epoch
-            Validation frequency.
-        seed
-            Seeds data order and every random draw (default: the model's ``seed``); same
-            seed, same result on CPU.
-        accelerator, devices
-            Lightning devices.
-        train_indices, val_indices
-            Override the cells of the split (used by the out-of-distribution protocol).
-        plan_kwargs
-            Extra :class:`~scvi.train.TrainingPlan` arguments.
-        **trainer_kwargs
-            Extra :class:`~scvi.train.Trainer` arguments (e.g. ``enable_progress_bar``).
-        """
-        seed = self.seed if seed is None else int(seed)
-        train_idx = self.split_indices("train") if train_indices is None else np.asarray(train_indices)
-        val_idx = self.split_indices("val") if val_indices is None else np.asarray(val_indices)
-        max_epochs, _ = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
-        callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
-        self._stopper = None
-        if len(val_idx) and (early_stopping or restore_best):
-            self._stopper = WarmupAwareEarlyStopping(
-                "elbo_validation",
-                start_epoch=n_epochs_kl_warmup or 0,
-                patience=early_stopping_patience if early_stopping else None,
-                restore_best=restore_best,
-            )
-            callbacks.append(self._stopper)
-        plan = {
-            "optimizer": "Adam",
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "eps": 1e-8,
-            "n_epochs_kl_warmup": n_epochs_kl_warmup or None,
-            "n_steps_kl_warmup": None,
-        }
+"""
+        plan = {"n_epochs_kl_warmup": n_epochs_kl_warmup or None, "n_steps_kl_warmup": None, **(plan_kwargs or {})}
         if perturbation_lr is not None and self.module.prior == "shift":
-            plan.update(
-                optimizer="Custom",
-                optimizer_creator=self._grouped_adam(lr, perturbation_lr, weight_decay),
-            )
-        plan.update(plan_kwargs or {})
-        trainer_kwargs.setdefault("enable_progress_bar", False)
-        trainer_kwargs.setdefault("enable_model_summary", False)
-        pl.seed_everything(seed, workers=True, verbose=False)
-        out = super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            batch_size=batch_size,
-            datasplitter_kwargs={
-                "external_indexing": self.external_indexing(self.adata.n_obs, train_idx, val_idx)
-            },
-            plan_kwargs=plan,
-            max_steps=-1 if max_steps is None else max_steps,
-            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
-            callbacks=callbacks,
-            **trainer_kwargs,
-        )
-        if self._stopper is not None:
-            self.best_epoch_ = self._stopper.best_epoch
-            self.best_validation_elbo_ = -self._stopper.best_score
-        self.module.eval()
+            plan.setdefault("param_lrs", {"shift_mean": perturbation_lr, "log_alpha": perturbation_lr})
+        out = super().train(max_steps, max_epochs, plan_kwargs=plan, **kwargs)
+        if getattr(self, "best_validation_loss_", None) is not None:
+            self.best_validation_elbo_ = -self.best_validation_loss_
         return out
 
-    def _grouped_adam(self, lr: float, perturbation_lr: float, weight_decay: float):
-        """Optimizer creator: Adam with its own learning rate for μ and log_alpha."""
-        module = self.module
-        special = [module.shift_mean, module.log_alpha]
-
-        def create(params):
-            params = list(params)
-            others = [p for p in params if all(p is not q for q in special)]
-            mine = [p for p in params if any(p is q for q in special)]
-            groups = [{"params": others}]
-            if mine:
-                groups.append({"params": mine, "lr": perturbation_lr})
-            return torch.optim.Adam(groups, lr=lr, eps=1e-8, weight_decay=weight_decay)
-
-        return create
+    train.__doc__ = (train.__doc__ or "") + COMMON_TRAIN_DOC
 
     # -------------------------------------------------------------- helpers
     def _frame(self, values: torch.Tensor | np.ndarray) -> pd.DataFrame:
@@ -466,8 +382,9 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
         *,
+        kind: Literal["latent"] = "latent",
+        batch_size: int | None = None,
         split: SplitName | None = None,
     ) -> np.ndarray:
         """Posterior means E_q[z | x] (encoder in eval mode).
@@ -476,6 +393,9 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         ----------
         adata, indices, split
             Cells (default: all cells of the registered AnnData; ``split`` selects one split).
+        kind
+            ``"latent"``, sVAE's only cell-level representation (the same argument as
+            the other families', where it chooses among several).
         batch_size
             Cells per minibatch.
 
@@ -483,6 +403,8 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         -------
         (n_cells, n_latent) float32 array.
         """
+        if kind != "latent":
+            raise CellpertInputError(f"kind must be 'latent' for {type(self).__name__}, not {kind!r}.")
         self.module.eval()
         idx = self._indices(adata, indices, split)
         out = [

@@ -1,0 +1,208 @@
+"""The one ``train()`` of every model family (a template with small hooks).
+
+Every family trains the same way: Adam (eps 1e-8) through scvi-tools'
+:class:`~scvi.model.base.UnsupervisedTrainingMixin` on the cells of the recorded split,
+seeded, with early stopping and best-state restoration on the validation loss
+(:class:`~cellpert.models._trainingplan.WarmupAwareEarlyStopping`), an optional cap on the
+wall time, and a summary of what happened in ``model.training_summary_`` (steps, epochs,
+wall time, steps/s, best step). What differs is declared, not re-implemented:
+
+- ``_train_defaults``: the family's defaults (batch size, learning rate, weight decay,
+  early stopping and its patience), from its paper;
+- ``_default_max_steps``: the step cap when neither ``max_steps`` nor ``max_epochs`` is
+  given (None: scvi-tools' epoch heuristic);
+- ``_monitor``: the logged validation metric early stopping watches;
+- :meth:`PerturbationTrainingMixin._datamodule`: the data splitter (default: scvi-tools'
+  with the split's cells as ``external_indexing``);
+- a family's own ``train(...)`` takes its own options (e.g. SAMS-VAE's
+  ``mask_logits_lr``) and passes them on as ``plan_kwargs`` and ``callbacks``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import numpy as np
+from scvi.model.base import UnsupervisedTrainingMixin
+
+from cellpert._errors import CellpertInputError
+from cellpert.models._base import resolve_epochs
+from cellpert.models._trainingplan import WarmupAwareEarlyStopping
+
+__all__ = ["COMMON_TRAIN_DOC", "PerturbationTrainingMixin"]
+
+#: Docstring of the options every family's ``train`` takes (appended to each family's).
+COMMON_TRAIN_DOC = """
+        Common options (every family; defaults in brackets are the family's)
+        -------------------------------------------------------------------
+        max_steps
+            Cap on the optimisation steps (takes precedence over ``max_epochs``).
+        max_epochs
+            Cap on the epochs when ``max_steps`` is None. With neither, the family's step
+            cap (SAMS-VAE family: 30,000) or scvi-tools' epoch heuristic.
+        batch_size, lr, weight_decay
+            Minibatch size, Adam learning rate and weight decay [family defaults]. Adam's
+            ``eps`` is 1e-8, not scvi-tools' 0.01 (which swamps small gradients).
+        gradient_clip_val
+            Clip the gradient norm at this value (None: no clipping).
+        check_val_every_n_epoch
+            Validation frequency.
+        early_stopping
+            Stop once the validation loss has not improved for ``early_stopping_patience``
+            validation checks, counted after any KL warm-up [family default]. Needs
+            validation cells.
+        early_stopping_patience
+            Checks without improvement before stopping (None: enough checks to span 1,000
+            steps, and at least 10).
+        restore_best
+            Restore the state with the best validation loss at the end (needs validation
+            cells) [family default].
+        max_time
+            Cap on the training wall time, in seconds (None: no cap).
+        seed
+            Seeds data order and every draw (default: the model's ``seed``); same seed,
+            same result on CPU.
+        accelerator, devices
+            Lightning devices.
+        train_indices, val_indices
+            Override the cells of the split (e.g. sVAE's out-of-distribution protocol).
+        plan_kwargs
+            Extra training-plan arguments.
+        **trainer_kwargs
+            Extra :class:`~scvi.train.Trainer` arguments (e.g. ``enable_progress_bar``).
+
+        Returns
+        -------
+        What scvi-tools' :class:`~scvi.train.TrainRunner` returns. Sets
+        ``training_summary_`` (steps, epochs, wall time, steps/s, step cap, whether it
+        stopped early, patience, best step and best validation loss).
+"""
+
+
+class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
+    """Template ``train()`` (see the module docstring); put it before ``BaseModelClass``."""
+
+    #: The family's defaults of the common options.
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 128,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "early_stopping": True,
+        "early_stopping_patience": None,
+        "restore_best": True,
+    }
+    #: Step cap when neither max_steps nor max_epochs is given (None: scvi-tools' heuristic).
+    _default_max_steps: ClassVar[int | None] = None
+    #: Logged validation metric of early stopping and best-state restore.
+    _monitor: ClassVar[str] = "elbo_validation"
+
+    def _datamodule(self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int) -> Any:
+        """Hook: a Lightning data module for these cells (None: scvi-tools' data splitter)."""
+        return None
+
+    def train(
+        self,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        gradient_clip_val: float | None = None,
+        check_val_every_n_epoch: int = 1,
+        early_stopping: bool | None = None,
+        early_stopping_patience: int | None = None,
+        restore_best: bool | None = None,
+        max_time: float | None = None,
+        seed: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_indices: Sequence[int] | None = None,
+        val_indices: Sequence[int] | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
+    ):
+        """Train with Adam on the training split, validating on the validation split.
+        """
+        d = self._train_defaults
+        batch_size = int(d["batch_size"] if batch_size is None else batch_size)
+        lr = float(d["lr"] if lr is None else lr)
+        weight_decay = float(d["weight_decay"] if weight_decay is None else weight_decay)
+        early_stopping = bool(d["early_stopping"] if early_stopping is None else early_stopping)
+        if early_stopping_patience is None:
+            early_stopping_patience = d.get("early_stopping_patience")
+        restore_best = bool(d.get("restore_best", True) if restore_best is None else restore_best)
+        seed = self.seed if seed is None else int(seed)
+        train_idx = self.split_indices("train") if train_indices is None else np.asarray(train_indices, dtype=np.int64)
+        val_idx = self.split_indices("val") if val_indices is None else np.asarray(val_indices, dtype=np.int64)
+        if max_steps is None and max_epochs is None:
+            max_steps = self._default_max_steps
+        max_epochs, total_steps = resolve_epochs(len(train_idx), batch_size, max_steps, max_epochs)
+        steps_per_epoch = math.ceil(len(train_idx) / batch_size)
+
+        plan = {"optimizer": "Adam", "lr": lr, "weight_decay": weight_decay, "eps": 1e-8, **(plan_kwargs or {})}
+        callbacks = list(trainer_kwargs.pop("callbacks", []) or [])
+        self._stopper = None
+        if len(val_idx) and (restore_best or early_stopping):
+            if early_stopping_patience is None:
+                early_stopping_patience = max(10, math.ceil(1000 / (steps_per_epoch * check_val_every_n_epoch)))
+            self._stopper = WarmupAwareEarlyStopping(
+                self._monitor,
+                start_epoch=int(plan.get("n_epochs_kl_warmup") or 0),
+                patience=int(early_stopping_patience) if early_stopping else None,
+                restore_best=restore_best,
+            )
+            callbacks.append(self._stopper)
+        if gradient_clip_val is not None:
+            trainer_kwargs["gradient_clip_val"] = gradient_clip_val
+        if max_time is not None:
+            if not max_time > 0:
+                raise CellpertInputError(f"max_time must be a positive number of seconds, not {max_time}.")
+            trainer_kwargs["max_time"] = datetime.timedelta(seconds=float(max_time))
+        trainer_kwargs.setdefault("enable_progress_bar", False)
+        trainer_kwargs.setdefault("enable_model_summary", False)
+        datamodule = self._datamodule(train_idx, val_idx, batch_size)
+        data = (
+            {"datamodule": datamodule}
+            if datamodule is not None
+            else {"datasplitter_kwargs": {"external_indexing": self.external_indexing(self.adata.n_obs, train_idx, val_idx)}}
+        )
+        pl.seed_everything(seed, workers=True, verbose=False)
+        start = time.perf_counter()
+        out = UnsupervisedTrainingMixin.train(
+            self,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            batch_size=batch_size,
+            plan_kwargs=plan,
+            max_steps=-1 if max_steps is None else int(max_steps),
+            check_val_every_n_epoch=check_val_every_n_epoch if len(val_idx) else None,
+            callbacks=callbacks,
+            **data,
+            **trainer_kwargs,
+        )
+        wall = time.perf_counter() - start
+        trainer = getattr(self, "trainer", None)
+        steps = int(trainer.global_step) if trainer is not None else total_steps
+        self.training_summary_ = {
+            "steps": steps,
+            "epochs": int(trainer.current_epoch) if trainer is not None else max_epochs,
+            "wall_time_s": round(wall, 3),
+            "steps_per_s": round(steps / wall, 3) if wall > 0 else None,
+            "max_steps": max_steps,
+            "stopped_early": bool(self._stopper is not None and self._stopper.stopped_epoch is not None),
+            "patience": early_stopping_patience if early_stopping else None,
+        }
+        if self._stopper is not None and self._stopper.best_step is not None:
+            self.best_step_ = self._stopper.best_step
+            self.best_epoch_ = self._stopper.best_epoch
+            self.best_validation_loss_ = float(self._stopper.best_score)
+            self.training_summary_.update(best_step=self.best_step_, best_validation_loss=self.best_validation_loss_)
+        self.module.eval()
+        return out
