@@ -22,7 +22,17 @@ from anndata import AnnData
 from cellpert._errors import CellpertInputError
 from cellpert.data import is_control_spelling, split_label
 
-__all__ = ["CounterfactualMixin", "DosageLabelsMixin", "LikelihoodMixin", "SplitMixin", "SplitName", "resolve_epochs", "seeded"]
+__all__ = [
+    "CounterfactualMixin",
+    "DosageLabelsMixin",
+    "LikelihoodMixin",
+    "SplitMixin",
+    "SplitName",
+    "module_kwargs",
+    "register_screen_fields",
+    "resolve_epochs",
+    "seeded",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +65,54 @@ def resolve_epochs(
 
         max_epochs = get_max_epochs_heuristic(n_train)
     return int(max_epochs), int(max_epochs) * steps_per_epoch
+
+
+def module_kwargs(init_locals: dict[str, Any]) -> dict[str, Any]:
+    """A model constructor's own arguments, to forward to its module: ``locals()`` taken
+    right after ``super().__init__(adata)``, without ``self``, ``adata`` and ``seed``."""
+    return {k: v for k, v in init_locals.items() if k not in {"self", "adata", "seed", "__class__"}}
+
+
+def register_screen_fields(
+    cls: type,
+    adata: AnnData,
+    *,
+    layer: str | None,
+    library_size_key: str,
+    split_key: str | None,
+    fields: Sequence[Any],
+    setup_method_args: dict[str, Any],
+    **kwargs: Any,
+) -> None:
+    """What every family's ``setup_anndata`` does after its own checks.
+
+    Checks the split column, writes ``adata.obs[library_size_key]`` (the observed library
+    size ℓ_i, float32) when it is missing, and registers the counts (``layer``, raw
+    counts), the family's own ``fields`` and the library size with an
+    :class:`~scvi.data.AnnDataManager`.
+    """
+    from scvi import REGISTRY_KEYS
+    from scvi.data import AnnDataManager
+    from scvi.data.fields import LayerField, NumericalObsField
+
+    from cellpert.models._keys import LIBRARY_KEY
+
+    if split_key is not None and split_key not in adata.obs:
+        raise CellpertInputError(
+            f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
+            "pass split_key=None to train on every cell."
+        )
+    if library_size_key not in adata.obs:
+        counts = adata.X if layer is None else adata.layers[layer]
+        adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+    anndata_fields = [
+        LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+        *fields,
+        NumericalObsField(LIBRARY_KEY, library_size_key),
+    ]
+    adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+    adata_manager.register_fields(adata, **kwargs)
+    cls.register_manager(adata_manager)
 
 
 class SplitMixin:

@@ -12,8 +12,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField, NumericalObsField
+from scvi.data.fields import NumericalObsField
 from scvi.model.base import BaseModelClass
 
 from cellpert._errors import CellpertInputError
@@ -23,6 +22,7 @@ from cellpert.models._base import (
     LikelihoodMixin,
     SplitMixin,
     SplitName,
+    register_screen_fields,
     seeded,
 )
 from cellpert.models._prepare import DEFAULT_DOSAGE_KEY, DEFAULT_LIBRARY_SIZE_KEY, dosage_names_key
@@ -235,11 +235,6 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         if isinstance(background, str):
             background = as_list(background)
         setup_method_args = cls._get_setup_method_args(**locals())
-        if split_key is not None and split_key not in adata.obs:
-            raise CellpertInputError(
-                f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
-                "pass split_key=None to train on every cell."
-            )
         indicator = _target_indicator(adata, background_key, background, dosage_key)
         if indicator.min() == indicator.max():
             which = "target" if indicator[0] else "background"
@@ -248,17 +243,10 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
                 "(check --background / --background-key or --control)."
             )
         adata.obs[is_target_key] = indicator
-        if library_size_key not in adata.obs:
-            counts = adata.X if layer is None else adata.layers[layer]
-            adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
-        anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            NumericalObsField(IS_TARGET_KEY, is_target_key),
-            NumericalObsField(LIBRARY_KEY, library_size_key),
-        ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
+        register_screen_fields(
+            cls, adata, layer=layer, library_size_key=library_size_key, split_key=split_key,
+            fields=[NumericalObsField(IS_TARGET_KEY, is_target_key)], setup_method_args=setup_method_args, **kwargs,
+        )  # fmt: skip
 
     def _is_target(self, adata: AnnData | None = None) -> np.ndarray:
         adata = self._validate_anndata(adata)

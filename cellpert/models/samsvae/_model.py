@@ -13,8 +13,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField, NumericalObsField, ObsmField
+from scvi.data.fields import ObsmField
 from scvi.model.base import BaseModelClass
 
 from cellpert._errors import CellpertInputError
@@ -24,6 +23,8 @@ from cellpert.models._base import (
     DosageLabelsMixin,
     SplitMixin,
     SplitName,
+    module_kwargs,
+    register_screen_fields,
     seeded,
 )
 from cellpert.models._components._ica import ica_masks
@@ -117,22 +118,10 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
                     f"uns has no {names_key!r} with the names of the columns of obsm[{dosage_key!r}]; "
                     "store them there or make obsm[dosage_key] a DataFrame."
                 )
-        if library_size_key not in adata.obs:
-            counts = adata.X if layer is None else adata.layers[layer]
-            adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
-        if split_key is not None and split_key not in adata.obs:
-            raise CellpertInputError(
-                f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
-                "pass split_key=None to train on every cell."
-            )
-        anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            ObsmField(DOSAGE_KEY, dosage_key, colnames_uns_key=names_key),
-            NumericalObsField(LIBRARY_KEY, library_size_key),
-        ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
+        register_screen_fields(
+            cls, adata, layer=layer, library_size_key=library_size_key, split_key=split_key,
+            fields=[ObsmField(DOSAGE_KEY, dosage_key, colnames_uns_key=names_key)], setup_method_args=setup_method_args, **kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ init
     def _build(self, seed: int, **module_kwargs) -> None:
@@ -581,24 +570,7 @@ class SAMSVAE(_PerturbationVAE):
         seed: int = 0,
     ) -> None:
         super().__init__(adata)
-        self._build(
-            seed,
-            guide=guide,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            n_layers_encoder=n_layers_encoder,
-            guide_n_hidden=guide_n_hidden,
-            guide_n_layers=guide_n_layers,
-            mask_prior_prob=mask_prior_prob,
-            embedding_prior_scale=embedding_prior_scale,
-            n_particles=n_particles,
-            mask_temperature=mask_temperature,
-            mask_logits_init=mask_logits_init,
-            encoder_input=encoder_input,
-            mask_gradient=mask_gradient,
-            spike_slab_guide=spike_slab_guide,
-        )
+        self._build(seed, **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())
 
 
@@ -622,17 +594,7 @@ class CPAVAE(_PerturbationVAE):
         seed: int = 0,
     ) -> None:
         super().__init__(adata)
-        self._build(
-            seed,
-            guide="mean_field",
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            n_layers_encoder=n_layers_encoder,
-            embedding_prior_scale=embedding_prior_scale,
-            n_particles=n_particles,
-            encoder_input=encoder_input,
-        )
+        self._build(seed, guide="mean_field", **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())
 
 
@@ -654,12 +616,5 @@ class ConditionalVAE(_PerturbationVAE):
         seed: int = 0,
     ) -> None:
         super().__init__(adata)
-        self._build(
-            seed,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            n_layers_encoder=n_layers_encoder,
-            n_particles=n_particles,
-        )
+        self._build(seed, **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())

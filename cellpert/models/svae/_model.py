@@ -12,8 +12,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.data.fields import CategoricalObsField
 from scvi.model.base import BaseModelClass
 
 from cellpert._errors import CellpertInputError
@@ -29,6 +28,8 @@ from cellpert.models._base import (
     LikelihoodMixin,
     SplitMixin,
     SplitName,
+    module_kwargs,
+    register_screen_fields,
     seeded,
 )
 from cellpert.models._keys import LABEL_KEY, LIBRARY_KEY
@@ -183,20 +184,7 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         if not sparsity_weight >= 0:
             raise CellpertInputError(f"sparsity_weight (λ) must be >= 0, got {sparsity_weight}.")
         super().__init__(adata)
-        self._build(
-            seed,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            use_batch_norm=use_batch_norm,
-            prior=prior,
-            sparsity="l1",
-            sparsity_weight=sparsity_weight,
-            kl_beta=kl_beta,
-            mask_logits_init=mask_logits_init,
-            mask_temperature=mask_temperature,
-        )
+        self._build(seed, sparsity="l1", **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ setup
@@ -253,24 +241,12 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
             adata.obs[label_key] = pd.Categorical(labels_from_dosage(adata, control_label=control))
             adata.uns[_controls_key(label_key)] = np.asarray([control], dtype=str)
             logger.info("wrote obs[%r] from obsm[%r]", label_key, DEFAULT_DOSAGE_KEY)
-        if split_key is not None and split_key not in adata.obs:
-            raise CellpertInputError(
-                f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
-                "pass split_key=None to train on every cell."
-            )
         control_labels = _resolve_controls(adata, label_key, control_labels)
         setup_method_args = cls._get_setup_method_args(**locals())
-        if library_size_key not in adata.obs:
-            counts = adata.X if layer is None else adata.layers[layer]
-            adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
-        anndata_fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            CategoricalObsField(LABEL_KEY, label_key),
-            NumericalObsField(LIBRARY_KEY, library_size_key),
-        ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
+        register_screen_fields(
+            cls, adata, layer=layer, library_size_key=library_size_key, split_key=split_key,
+            fields=[CategoricalObsField(LABEL_KEY, label_key)], setup_method_args=setup_method_args, **kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------- init
     def _build(self, seed: int, **module_kwargs: Any) -> None:
@@ -560,18 +536,5 @@ class SVAEPlus(SVAE):
                 "(Beta(1, 1) is flat); try 2, 5 or 10."
             )
         BaseModelClass.__init__(self, adata)
-        self._build(
-            seed,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-            use_batch_norm=use_batch_norm,
-            prior=prior,
-            sparsity="beta",
-            beta_k=beta_k,
-            kl_beta=kl_beta,
-            mask_logits_init=mask_logits_init,
-            mask_temperature=mask_temperature,
-        )
+        self._build(seed, sparsity="beta", **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())
