@@ -272,6 +272,78 @@ def _predict(
     return pred
 
 
+def _training_baselines(
+    screen: PerturbationScreen, split_values: np.ndarray | None, labels: list[str], chunk_rows: int
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None, np.ndarray | None]:
+    """The ``additive``, ``mean`` and ``average`` baselines from the training cells' data
+    ATE (empty without a training split), that ATE and the cells it used."""
+    if split_values is None or not (split_values == "train").any():
+        logger.warning("no training split: the additive and mean baselines are not computed")
+        return {}, None, None
+    train_ate, train_cells = _training_ate(screen, split_values, chunk_rows)
+    baselines: dict[str, pd.DataFrame] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CellpertWarning)
+        baselines["additive"] = additive_baseline(train_ate, labels, parts_of=screen.label_parts)
+    for w in caught:
+        logger.warning("%s", w.message)
+    baselines["mean"] = mean_baseline(train_ate, labels)
+    # the training cells' own average effect of each label (a label without training
+    # cells, e.g. a held-out combination, falls back to the additive sum)
+    average = baselines["additive"].copy()
+    seen = [c for c in labels if c in train_ate.columns]
+    average[seen] = train_ate[seen].to_numpy()
+    baselines["average"] = average
+    return baselines, train_ate, train_cells
+
+
+def _summary(
+    predictions: dict[str, pd.DataFrame], splits: pd.DataFrame, labels: list[str],
+    targets: dict[str, pd.DataFrame] | None, ate_all: pd.DataFrame, top_n: int,
+) -> pd.DataFrame:  # fmt: skip
+    """Metric x split table: each predictor against each split's target (held-out targets
+    when given, else the data ATE of all cells); the ceiling and IWELBO rows start NaN."""
+    rows = [f"{name}_{m}" for name in predictions for m in METRIC_NAMES]
+    rows += [f"{name}_n_perturbations" for name in predictions]
+    rows += ["ceiling_pearson", "ceiling_pearson_top", "expected_train_average_pearson"]
+    rows += ["iwelbo", "n_iwelbo_cells"]
+    columns = [*EVAL_SPLITS, "all"]
+    summary = pd.DataFrame(np.nan, index=pd.Index(rows, name="metric"), columns=pd.Index(columns, name="split"))
+    for s in columns:
+        chosen = labels if s == "all" else [c for c in labels if bool(splits.loc[c, s])]
+        if not chosen:
+            continue
+        target = targets[s] if targets is not None and s in targets else ate_all[chosen]
+        for name, frame in predictions.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CellpertWarning)
+                _, values = ate_metrics(target, frame, top_n=top_n)
+            for m in METRIC_NAMES:
+                summary.loc[f"{name}_{m}", s] = values[m]
+            summary.loc[f"{name}_n_perturbations", s] = values["n_perturbations"]
+    return summary
+
+
+def _ceiling(
+    screen: PerturbationScreen, split_values: np.ndarray, shown: str, evaluated: list[str],
+    train_cells: np.ndarray | None, summary: pd.DataFrame, config: dict[str, Any], *,
+    top_n: int, seed: int, chunk_rows: int,
+) -> None:  # fmt: skip
+    """Noise ceiling of the shown split's target, and the r the training-cell average is
+    expected to reach from noise alone (into ``summary`` and ``config``)."""
+    cells, _ = _target_cells(screen, split_values, shown, evaluated)
+    kw = {"control": screen.control_labels, "top_n": top_n, "seed": seed, "chunk_rows": chunk_rows}
+    ceil = noise_ceiling(screen.counts, screen.labels, cells=cells, evaluated=evaluated, **kw)
+    summary.loc["ceiling_pearson", shown] = ceil["pearson"]
+    summary.loc["ceiling_pearson_top", shown] = ceil["pearson_top"]
+    config["noise_ceiling"] = ceil
+    if train_cells is not None:
+        train_ceil = noise_ceiling(screen.counts, screen.labels, cells=train_cells, evaluated=evaluated, **kw)
+        expected = float(np.sqrt(max(train_ceil["reliability"], 0) * max(ceil["reliability"], 0)))
+        summary.loc["expected_train_average_pearson", shown] = expected
+        config["training_reliability"] = train_ceil
+
+
 # ------------------------------------------------------------------ computation
 def compute_ate_evaluation(
     screen: PerturbationScreen,
@@ -410,29 +482,12 @@ def compute_ate_evaluation(
     predictions: dict[str, pd.DataFrame] = {"model": pred.ate}
 
     # --- baselines from the training cells' data ATE
-    baselines: dict[str, pd.DataFrame] = {}
-    train_cells = None
-    if split_values is not None and (split_values == "train").any():
-        train_ate, train_cells = _training_ate(screen, split_values, chunk_rows)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CellpertWarning)
-            baselines["additive"] = additive_baseline(train_ate, labels, parts_of=screen.label_parts)
-        for w in caught:
-            logger.warning("%s", w.message)
-        baselines["mean"] = mean_baseline(train_ate, labels)
-        # the training cells' own average effect of each label (a label without training
-        # cells, e.g. a held-out combination, falls back to the additive sum)
-        average = baselines["additive"].copy()
-        seen = [c for c in labels if c in train_ate.columns]
-        average[seen] = train_ate[seen].to_numpy()
-        baselines["average"] = average
+    baselines, train_ate, train_cells = _training_baselines(screen, split_values, labels, chunk_rows)
+    if train_ate is not None:
         config["n_training_labels"] = int(train_ate.shape[1])
-    else:
-        logger.warning("no training split: the additive and mean baselines are not computed")
     predictions.update(baselines)
 
     # --- per-perturbation metrics (against the shown split's target)
-    evaluated = list(target_shown.columns)
     for name, frame in predictions.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CellpertWarning)
@@ -442,39 +497,13 @@ def compute_ate_evaluation(
     per["model_interval_width"] = (pred.hi - pred.lo).mean(axis=0).reindex(labels).to_numpy()
 
     # --- summary: metric x split
-    rows = [f"{name}_{m}" for name in predictions for m in METRIC_NAMES]
-    rows += [f"{name}_n_perturbations" for name in predictions]
-    rows += ["ceiling_pearson", "ceiling_pearson_top", "expected_train_average_pearson"]
-    rows += ["iwelbo", "n_iwelbo_cells"]
-    columns = [*EVAL_SPLITS, "all"]
-    summary = pd.DataFrame(np.nan, index=pd.Index(rows, name="metric"), columns=pd.Index(columns, name="split"))
-    for s in columns:
-        chosen = labels if s == "all" else [c for c in labels if bool(splits.loc[c, s])]
-        if not chosen:
-            continue
-        target = targets[s] if held_out and s in targets else ate_all[chosen]
-        for name, frame in predictions.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CellpertWarning)
-                _, values = ate_metrics(target, frame, top_n=top_n)
-            for m in METRIC_NAMES:
-                summary.loc[f"{name}_{m}", s] = values[m]
-            summary.loc[f"{name}_n_perturbations", s] = values["n_perturbations"]
+    summary = _summary(predictions, splits, labels, targets if held_out else None, ate_all, top_n)
 
     # --- noise ceiling of the shown target, and what the training-cell average should reach
     if ceiling and held_out and shown in targets:
         t0 = time.perf_counter()
-        cells, _ = _target_cells(screen, split_values, shown, evaluated)
-        kw = {"control": screen.control_labels, "top_n": top_n, "seed": seed, "chunk_rows": chunk_rows}
-        ceil = noise_ceiling(screen.counts, screen.labels, cells=cells, evaluated=evaluated, **kw)
-        summary.loc["ceiling_pearson", shown] = ceil["pearson"]
-        summary.loc["ceiling_pearson_top", shown] = ceil["pearson_top"]
-        config["noise_ceiling"] = ceil
-        if train_cells is not None:
-            train_ceil = noise_ceiling(screen.counts, screen.labels, cells=train_cells, evaluated=evaluated, **kw)
-            expected = float(np.sqrt(max(train_ceil["reliability"], 0) * max(ceil["reliability"], 0)))
-            summary.loc["expected_train_average_pearson", shown] = expected
-            config["training_reliability"] = train_ceil
+        _ceiling(screen, split_values, shown, list(target_shown.columns), train_cells, summary, config,
+                 top_n=top_n, seed=seed, chunk_rows=chunk_rows)  # fmt: skip
         timings["ceiling_s"] = time.perf_counter() - t0
 
     # --- intervals recalibrated on the validation cells (the test cells stay unseen)
