@@ -339,6 +339,115 @@ def _dosage_from_obsm(adata: ad.AnnData, key: str) -> tuple[list[str], sp.csr_ma
     return names, sp.csr_matrix(arr)
 
 
+def _select_cells(adata: ad.AnnData, subset: str | None) -> ad.AnnData:
+    """The cells of ``subset`` (a pandas query on obs), checked to be a usable matrix."""
+    if subset:
+        try:
+            keep = adata.obs.eval(subset)
+        except Exception as err:
+            raise CellpertInputError(
+                f"--subset {subset!r} is not a valid query on obs ({err}); write e.g. 'dataset == \"norman19\"'."
+            ) from err
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.any():
+            raise CellpertInputError(f"--subset {subset!r} selects no cells; check the column and value.")
+        adata = adata[keep].copy()
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise CellpertInputError(f"the screen is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        raise CellpertInputError(
+            f"{len(dup)} gene name(s) are duplicated (e.g. {', '.join(map(str, dup[:3]))}); make them "
+            "unique with adata.var_names_make_unique() or aggregate the duplicates."
+        )
+    return adata
+
+
+def _count_summary(adata: ad.AnnData, layer: str | None) -> CountSummary:
+    """Check that ``layer`` (or X) holds raw counts and summarise them (streamed)."""
+    _resolve_layer(adata, layer)
+    matrix = adata.X if layer is None else adata.layers[layer]
+    if matrix is None:
+        raise CellpertInputError("X is empty; pass --layer with the layer that holds raw counts.")
+    where = "X" if layer is None else f"layers[{layer!r}]"
+    other_layers = [k for k in adata.layers.keys() if k != layer]
+    hint = f" Pass --layer with the raw counts (layers: {', '.join(other_layers)})." if other_layers else (
+        " Use the raw counts (e.g. adata.raw or the unnormalised matrix)." if layer is None else ""
+    )
+    return summarise_counts(matrix, where=where, fix_hint=hint)
+
+
+def _perturbations_from_obsm(
+    adata: ad.AnnData, dosage_key: str, control: str | Sequence[str] | None
+) -> tuple[list[str], sp.csr_matrix, np.ndarray, list[str]]:
+    """Perturbation names, D, a label per cell and the control labels from a dosage DataFrame."""
+    _, recorded_control = recorded_screen_keys(adata)
+    names, dosage = _dosage_from_obsm(adata, dosage_key)
+    controls = [control] if isinstance(control, str) else list(control or recorded_control or ["control"])
+    labels = np.asarray(
+        [
+            COMBINATION_SEP.join(names[j] for j in dosage.indices[dosage.indptr[i] : dosage.indptr[i + 1]])
+            or controls[0]
+            for i in range(dosage.shape[0])
+        ],
+        dtype=object,
+    )
+    empty = [n for n, c in zip(names, np.bincount(dosage.indices, minlength=len(names)), strict=True) if c == 0]
+    if empty:
+        raise CellpertInputError(
+            f"perturbation(s) {', '.join(empty[:5])} in obsm[{dosage_key!r}] have zero cells; "
+            "drop those columns."
+        )
+    return list(names), dosage, labels, controls
+
+
+def _perturbations_from_labels(
+    adata: ad.AnnData, key: str, control: str | Sequence[str] | None, *,
+    dose_key: str | None, require_control: bool, warn: bool,
+) -> tuple[list[str], sp.csr_matrix, np.ndarray, list[str]]:  # fmt: skip
+    """Perturbation names, D, canonical labels and control labels from ``obs[key]``.
+
+    Controls: ``control`` when given (an error when none occurs), else the recorded ones
+    when they occur, else detected (:func:`detect_control_labels`).
+    """
+    _, recorded_control = recorded_screen_keys(adata)
+    column = adata.obs[key]
+    if column.isna().any():
+        raise CellpertInputError(
+            f"obs[{key!r}] has {int(column.isna().sum())} missing labels; label those cells "
+            "(e.g. as control) or drop them with --subset."
+        )
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        unused = set(column.cat.categories) - set(column.unique())
+        if unused and warn:
+            logger.info("ignoring %d label categories with zero cells", len(unused))
+    raw = column.astype(str).to_numpy()
+    if control is not None:
+        controls = as_list(control) or []
+        missing = [c for c in controls if c not in set(raw)]
+        if missing and len(missing) == len(controls):
+            raise CellpertInputError(
+                f"control label(s) {', '.join(map(repr, missing))} match no cell in obs[{key!r}]; "
+                "check the spelling (labels are case-sensitive)."
+            )
+    elif recorded_control and any(c in set(raw) for c in recorded_control):
+        controls = recorded_control
+    else:
+        try:
+            controls = detect_control_labels(raw)
+        except CellpertInputError:
+            if require_control:
+                raise
+            controls = []
+    doses = None
+    if dose_key is not None:
+        if dose_key not in adata.obs.columns:
+            raise CellpertInputError(f"obs has no dose column {dose_key!r}; pass --dose-key with an obs column.")
+        doses = adata.obs[dose_key].astype(str).to_numpy()
+    parsed = parse_perturbation_labels(raw, control=controls, doses=doses)
+    return parsed.perturbation_names, parsed.dosage, parsed.canonical_labels, list(controls)
+
+
 def load_screen(
     data: ad.AnnData | str | os.PathLike,
     *,
@@ -380,93 +489,16 @@ def load_screen(
     warn
         Emit :class:`~cellpert.CellpertWarning` for tiny groups and all-zero genes.
     """
-    adata = read_h5ad(data) if not isinstance(data, ad.AnnData) else data
-    if subset:
-        try:
-            keep = adata.obs.eval(subset)
-        except Exception as err:
-            raise CellpertInputError(
-                f"--subset {subset!r} is not a valid query on obs ({err}); write e.g. 'dataset == \"norman19\"'."
-            ) from err
-        keep = np.asarray(keep, dtype=bool)
-        if not keep.any():
-            raise CellpertInputError(f"--subset {subset!r} selects no cells; check the column and value.")
-        adata = adata[keep].copy()
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise CellpertInputError(f"the screen is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-    if not adata.var_names.is_unique:
-        dup = adata.var_names[adata.var_names.duplicated()].unique()
-        raise CellpertInputError(
-            f"{len(dup)} gene name(s) are duplicated (e.g. {', '.join(map(str, dup[:3]))}); make them "
-            "unique with adata.var_names_make_unique() or aggregate the duplicates."
-        )
-    _resolve_layer(adata, layer)
-    matrix = adata.X if layer is None else adata.layers[layer]
-    if matrix is None:
-        raise CellpertInputError("X is empty; pass --layer with the layer that holds raw counts.")
-    where = "X" if layer is None else f"layers[{layer!r}]"
-    other_layers = [k for k in adata.layers.keys() if k != layer]
-    hint = f" Pass --layer with the raw counts (layers: {', '.join(other_layers)})." if other_layers else (
-        " Use the raw counts (e.g. adata.raw or the unnormalised matrix)." if layer is None else ""
-    )
-    summary = summarise_counts(matrix, where=where, fix_hint=hint)
-
-    _, recorded_control = recorded_screen_keys(adata)
+    adata = _select_cells(read_h5ad(data) if not isinstance(data, ad.AnnData) else data, subset)
+    summary = _count_summary(adata, layer)
     if dosage_key is not None:
-        names, dosage = _dosage_from_obsm(adata, dosage_key)
         key = None
-        controls = [control] if isinstance(control, str) else list(control or recorded_control or ["control"])
-        labels = np.asarray(
-            [
-                COMBINATION_SEP.join(names[j] for j in dosage.indices[dosage.indptr[i] : dosage.indptr[i + 1]])
-                or controls[0]
-                for i in range(dosage.shape[0])
-            ],
-            dtype=object,
-        )
-        empty = [n for n, c in zip(names, np.bincount(dosage.indices, minlength=len(names)), strict=True) if c == 0]
-        if empty:
-            raise CellpertInputError(
-                f"perturbation(s) {', '.join(empty[:5])} in obsm[{dosage_key!r}] have zero cells; "
-                "drop those columns."
-            )
+        names, dosage, labels, controls = _perturbations_from_obsm(adata, dosage_key, control)
     else:
         key = _resolve_perturbation_key(adata, perturbation_key)
-        column = adata.obs[key]
-        if column.isna().any():
-            raise CellpertInputError(
-                f"obs[{key!r}] has {int(column.isna().sum())} missing labels; label those cells "
-                "(e.g. as control) or drop them with --subset."
-            )
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            unused = set(column.cat.categories) - set(column.unique())
-            if unused and warn:
-                logger.info("ignoring %d label categories with zero cells", len(unused))
-        raw = column.astype(str).to_numpy()
-        if control is not None:
-            controls = as_list(control) or []
-            missing = [c for c in controls if c not in set(raw)]
-            if missing and len(missing) == len(controls):
-                raise CellpertInputError(
-                    f"control label(s) {', '.join(map(repr, missing))} match no cell in obs[{key!r}]; "
-                    "check the spelling (labels are case-sensitive)."
-                )
-        elif recorded_control and any(c in set(raw) for c in recorded_control):
-            controls = recorded_control
-        else:
-            try:
-                controls = detect_control_labels(raw)
-            except CellpertInputError:
-                if require_control:
-                    raise
-                controls = []
-        doses = None
-        if dose_key is not None:
-            if dose_key not in adata.obs.columns:
-                raise CellpertInputError(f"obs has no dose column {dose_key!r}; pass --dose-key with an obs column.")
-            doses = adata.obs[dose_key].astype(str).to_numpy()
-        parsed = parse_perturbation_labels(raw, control=controls, doses=doses)
-        names, dosage, labels = parsed.perturbation_names, parsed.dosage, parsed.canonical_labels
+        names, dosage, labels, controls = _perturbations_from_labels(
+            adata, key, control, dose_key=dose_key, require_control=require_control, warn=warn
+        )
 
     screen = PerturbationScreen(
         adata=adata,
