@@ -59,6 +59,44 @@ def _group_seeds(seed: int, n: int) -> list[int]:
     return [int(s) & 0x7FFFFFFF for s in state]
 
 
+def _check_labels(labels: Sequence[str], control: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """The labels to predict (non-empty, distinct, no control) and the control labels."""
+    labels = [str(label) for label in labels]
+    controls = [control] if isinstance(control, str) else [str(c) for c in control]
+    if not labels:
+        raise CellpertInputError("no labels to predict; give at least one perturbation label.")
+    if len(set(labels)) != len(labels):
+        raise CellpertInputError("the labels to predict contain duplicates; give each label once.")
+    bad = [label for label in labels if label in controls]
+    if bad:
+        raise CellpertInputError(f"{bad[0]!r} is a control label; the ATE of control is 0 by definition.")
+    return labels, controls
+
+
+def _library_sizes(
+    library_size: LibrarySize | float, control_library_sizes: np.ndarray | None
+) -> tuple[float | None, np.ndarray | None]:
+    """``(fixed ℓ, None)`` for ``"fixed"`` or a number; ``(None, pool)`` for ``"empirical"``,
+    the control cells' positive library sizes to draw from."""
+    empirical = isinstance(library_size, str) and library_size == "empirical"
+    if isinstance(library_size, str) and not empirical and library_size != "fixed":
+        raise CellpertInputError(f"library_size must be 'fixed', 'empirical' or a number, not {library_size!r}.")
+    if not empirical:
+        fixed_value = FIXED_LIBRARY_SIZE if library_size == "fixed" else float(library_size)
+        if not fixed_value > 0:
+            raise CellpertInputError(f"the library size must be positive, not {library_size}.")
+        return fixed_value, None
+    if control_library_sizes is None:
+        raise CellpertInputError(
+            "library_size='empirical' needs the control cells' library sizes (control_library_sizes)."
+        )
+    pool = np.asarray(control_library_sizes, dtype=np.float64).ravel()
+    pool = pool[np.isfinite(pool) & (pool > 0)]
+    if pool.size == 0:
+        raise CellpertInputError("no control cell with a positive library size to sample from.")
+    return None, pool
+
+
 def model_ate(
     model: Any,
     labels: Sequence[str],
@@ -144,15 +182,7 @@ def model_ate(
         For an empty label list, a control label among the labels, unknown
         perturbations, or invalid options.
     """
-    labels = [str(label) for label in labels]
-    controls = [control] if isinstance(control, str) else [str(c) for c in control]
-    if not labels:
-        raise CellpertInputError("no labels to predict; give at least one perturbation label.")
-    if len(set(labels)) != len(labels):
-        raise CellpertInputError("the labels to predict contain duplicates; give each label once.")
-    bad = [label for label in labels if label in controls]
-    if bad:
-        raise CellpertInputError(f"{bad[0]!r} is a control label; the ATE of control is 0 by definition.")
+    labels, controls = _check_labels(labels, control)
     n_particles = int(n_particles)
     n_groups = int(n_groups)
     if n_particles < 2:
@@ -166,22 +196,8 @@ def model_ate(
     if int(max_rows) < 1:
         raise CellpertInputError(f"max_rows must be a positive integer, not {max_rows}.")
 
-    empirical = isinstance(library_size, str) and library_size == "empirical"
-    if isinstance(library_size, str) and not empirical and library_size != "fixed":
-        raise CellpertInputError(f"library_size must be 'fixed', 'empirical' or a number, not {library_size!r}.")
-    fixed_value = FIXED_LIBRARY_SIZE if library_size == "fixed" else (None if empirical else float(library_size))
-    if fixed_value is not None and not fixed_value > 0:
-        raise CellpertInputError(f"the library size must be positive, not {library_size}.")
-    pool = None
-    if empirical:
-        if control_library_sizes is None:
-            raise CellpertInputError(
-                "library_size='empirical' needs the control cells' library sizes (control_library_sizes)."
-            )
-        pool = np.asarray(control_library_sizes, dtype=np.float64).ravel()
-        pool = pool[np.isfinite(pool) & (pool > 0)]
-        if pool.size == 0:
-            raise CellpertInputError("no control cell with a positive library size to sample from.")
+    fixed_value, pool = _library_sizes(library_size, control_library_sizes)
+    empirical = pool is not None
 
     dosage = np.asarray(model.dosage_from_labels(labels, control=controls), dtype=np.float32)
     control_row = np.zeros((1, dosage.shape[1]), dtype=np.float32)
@@ -345,10 +361,7 @@ def counterfactual_ate(
     -------
     ModelATE
     """
-    labels = [str(label) for label in labels]
-    controls = [control] if isinstance(control, str) else [str(c) for c in control]
-    if not labels:
-        raise CellpertInputError("no labels to predict; give at least one perturbation label.")
+    labels, controls = _check_labels(labels, control)
     if int(n_draws) < 2:
         raise CellpertInputError(f"n_draws must be at least 2, not {n_draws}.")
     if not 0.0 < float(interval) < 1.0:
