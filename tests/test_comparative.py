@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pyro.distributions import GammaPoisson
+from scipy.special import gammaln
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import load_screen, write_h5ad_atomic
@@ -82,6 +83,12 @@ def test_nb_log_mean_form_has_finite_gradients_where_the_softmax_underflows():
     value = nb_log_prob_log_mean(torch.tensor([[0.0, 3.0]]), log_mu, torch.zeros(2))
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(log_mu.grad).all()
+    # and they are the right ones: the NB log-pmf in float64 (θ = 1), where exp(-200) is a
+    # number; d/dlog μ = x − (x + θ) μ / (θ + μ) per gene
+    x, mu, theta = np.array([0.0, 3.0]), np.exp(np.array([-200.0, 2.0])), 1.0
+    logpmf = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1) + theta * np.log(theta / (theta + mu)) + x * np.log(mu / (theta + mu))
+    assert value.item() == pytest.approx(logpmf.sum(), rel=1e-6)
+    np.testing.assert_allclose(log_mu.grad.numpy().ravel(), x - (x + theta) * mu / (theta + mu), rtol=1e-5, atol=1e-6)
 
 
 def test_mmd_separates_shifted_samples():
@@ -178,7 +185,13 @@ def test_training_improves_the_heldout_iwelbo(simulated, trained):
     before = fresh.get_iwelbo(split="test", n_samples=20)
     after = trained.get_iwelbo(split="test", n_samples=20)
     assert after > before + 10
-    assert trained.get_iwelbo(split="test", n_samples=20) >= trained.get_elbo(split="test", n_samples=20) - 1.0
+    # IWELBO >= ELBO with the same 20 draws (same seed): per cell log mean_s w_s >= mean_s log w_s,
+    # and the ELBO differs from mean_s log w_s only by the analytic KL in place of its
+    # sampled estimate, a Monte Carlo error of mean 0 whose average over the 120 test cells
+    # has SD ~0.03 nats (measured), far below the gap (~0.7 nats per cell at this training)
+    iw = trained.get_iwelbo(split="test", n_samples=20, return_mean=False)
+    el = trained.get_elbo(split="test", n_samples=20, return_mean=False)
+    assert (iw - el).mean() > 0.1, (iw - el).mean()
 
 
 def test_seeded_training_is_deterministic_and_save_load_round_trips(simulated, tmp_path):
@@ -232,11 +245,14 @@ def test_predictive_means_background_and_target_rows(trained, simulated):
     assert np.abs(means[1] - means[0]).max() > 1e-3  # the salient latent changes the prediction
 
 
-def test_bad_training_options_are_clear_errors(trained):
+def test_bad_training_options_are_clear_errors(simulated):
+    # an untrained model: a bad option must not reach (or change) the shared trained one
+    model = ComparativeVAE(_setup(simulated), n_background_latent=3, n_salient_latent=2, n_hidden=16)
     with pytest.raises(CellpertInputError, match="unknown mode"):
-        trained.train(max_epochs=1, mode="pareto")
+        model.train(max_epochs=1, mode="pareto")
     with pytest.raises(CellpertInputError, match="constraint_level"):
-        trained.train(max_epochs=1, mode="constrained", constraint_level=2.0)
+        model.train(max_epochs=1, mode="constrained", constraint_level=2.0)
+    assert not model.is_trained_
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -277,7 +293,12 @@ def test_poisson_likelihood_trains_and_predicts(simulated):
     model = ComparativeVAE(_setup(simulated), n_background_latent=3, n_salient_latent=2, n_hidden=32, likelihood="poisson")
     theta_before = model.module.decoder.log_theta.detach().clone()
     model.train(max_epochs=2, enable_progress_bar=False)
-    assert np.isfinite(model.get_iwelbo(split="test", n_samples=10))
+    # (a separate untrained model: evaluating this one first would leave it in eval mode for fit)
+    fresh = ComparativeVAE(_setup(simulated), n_background_latent=3, n_salient_latent=2, n_hidden=32, likelihood="poisson")
+    untrained = fresh.get_iwelbo(split="test", n_samples=10)
+    # training under the Poisson likelihood improves the held-out IWELBO (measured: from
+    # -1033 to -887 nats per cell after 2 epochs; the 10-sample estimate varies by ~2 nats)
+    assert model.get_iwelbo(split="test", n_samples=10) > untrained + 10
     assert torch.equal(model.module.decoder.log_theta, theta_before)  # no dispersion under Poisson
     counts = model.get_predictive_means(np.array([[0.0], [1.0]]), n_samples=20, transform="counts")
     assert counts.shape == (2, simulated.n_vars) and np.all(counts >= 0)

@@ -10,14 +10,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 import torch
 import typer
 from typer.testing import CliRunner
 
 from cellpert._errors import CellpertInputError
 from cellpert.data import load_screen
-from cellpert.data.simulate import simulate_sams
 from cellpert.evaluate import (
     ate_metrics,
     compute_ate_evaluation,
@@ -25,23 +23,10 @@ from cellpert.evaluate import (
     label_splits,
     model_ate,
 )
-from cellpert.runs import evaluate_ate, load_run, train_run
+from cellpert.runs import evaluate_ate
 from cellpert_cli._evaluate import evaluate_ate as evaluate_ate_command
 
-from conftest import file_digest
-
-ZERO_GENE = "all_zero_gene"
-TRAIN = {
-    "model": "samsvae",
-    "guide": "mean_field",
-    "n_latent": 3,
-    "n_hidden": 32,
-    "max_steps": 200,
-    "lr": 2e-2,
-    "batch_size": 128,
-    "check_val_every_n_epoch": 20,
-    "drop_zero_genes": True,
-}
+from conftest import ZERO_GENE, file_digest
 
 
 @pytest.fixture(autouse=True)
@@ -52,37 +37,28 @@ def _quiet():
         yield
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A SAMS-VAE (mean-field) briefly trained on a simulated screen with known effects.
+@pytest.fixture
+def trained(sams_run):
+    """The session's SAMS-VAE run (conftest.sams_run): screen path, run directory, loaded run.
 
-    The screen has one extra all-zero gene that the run drops (``drop_zero_genes``).
+    A SAMS-VAE (mean-field) briefly trained on a simulated screen with known effects; the
+    screen has one extra all-zero gene that the run drops (``drop_zero_genes``).
     """
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    tmp = tmp_path_factory.mktemp("evaluate")
-    adata = simulate_sams(
-        seed=0,
-        n_perturbations=6,
-        n_latent=3,
-        n_genes=40,
-        n_combinations=3,
-        n_cells_per_perturbation=(40, 10, 10),
-        n_control_cells=(60, 15, 15),
+    return sams_run.path, sams_run.run_dir, sams_run.run
+
+
+def test_the_loaded_run_is_the_trained_model(sams_run):
+    """What ``load_run`` gives back is the model ``train_run`` trained: same weights, same latents."""
+    trained, loaded = sams_run.trained.model, sams_run.run.model
+    before, after = trained.module.state_dict(), loaded.module.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    np.testing.assert_array_equal(
+        trained.get_latent_representation(kind="latent"), loaded.get_latent_representation(kind="latent")
     )
-    full = ad.AnnData(
-        X=sp.hstack([adata.X, sp.csr_matrix((adata.n_obs, 1), dtype=np.float32)], format="csr"),
-        obs=adata.obs.copy(),
-        var=pd.DataFrame(index=[*adata.var_names, ZERO_GENE]),
-        obsm=dict(adata.obsm),
-        uns=adata.uns,
-    )
-    path = tmp / "screen.h5ad"
-    full.write_h5ad(path)
-    run_dir = tmp / "run"
-    train_run(path, out_dir=run_dir, progress_bar=False, **TRAIN)
-    run = load_run(path, run_dir)
-    return path, run_dir, run
+    assert loaded.perturbation_names == trained.perturbation_names
+    assert ZERO_GENE not in loaded.adata.var_names and loaded.adata.n_vars == trained.adata.n_vars == 40
 
 
 # ------------------------------------------------------------------ model ATE
@@ -311,9 +287,18 @@ def test_command_end_to_end(trained, tmp_path):
     assert "data:image/png;base64," in html and "model_pearson" in html
     per = pd.read_csv(tmp_path / "m.csv", index_col=0)
     assert "model_pearson_top" in per.columns and len(per) == 9
-    assert pd.read_csv(tmp_path / "m_summary.csv", index_col=0).loc["model_pearson"].notna().all()
     back = ad.read_h5ad(screen_copy)  # updated in place
     assert "ate_samsvae" in back.varm and "samsvae" in back.uns["cellpert"]["ate_metrics"]
+    # the summary file is the summary written into the screen (same evaluation, same seed),
+    # not only some number: model_pearson per split round-trips through the CSV
+    summary = pd.read_csv(tmp_path / "m_summary.csv", index_col=0)
+    stored = back.uns["cellpert"]["ate_metrics"]["samsvae"]["summary"]
+    np.testing.assert_allclose(
+        summary.loc["model_pearson", ["test", "all"]].to_numpy(float),
+        stored.loc["model_pearson", ["test", "all"]].to_numpy(float),
+        rtol=1e-12,
+    )
+    assert stored.loc["model_pearson", "test"] > 0.75  # the trained model's level (see the first test)
 
     # data ATE alone, with a PNG figure and a new output file
     out = tmp_path / "data.h5ad"

@@ -196,9 +196,13 @@ def test_export_fields_and_getters(small_adata):
     lat = model.get_latent_representation(indices=[0, 1, 2], batch_size=2)
     np.testing.assert_allclose(lat, fields["obsm"]["latent"][:3], rtol=1e-5, atol=1e-6)
     test = model.split_indices("test")
-    elbo = model.get_elbo(indices=test)
-    iwelbo = model.get_iwelbo(indices=test, n_samples=50)
-    assert np.isfinite(elbo) and iwelbo >= elbo - 1.0  # IWELBO is the tighter bound
+    # IWELBO >= ELBO with the same 50 draws (same seed): per cell log mean_s w_s >= mean_s log w_s,
+    # and the ELBO differs from mean_s log w_s only by its analytic KL in place of the sampled
+    # one, a Monte Carlo error of mean 0 whose average over the 80 test cells has SD ~0.01
+    # nats (measured), far below the gap (~0.2 nats per cell here)
+    iwelbo = model.get_iwelbo(indices=test, n_samples=50, return_mean=False)
+    elbo = model.get_elbo(indices=test, n_samples=50, return_mean=False)
+    assert (iwelbo - elbo).mean() > 0.05, (iwelbo - elbo).mean()
     assert "elbo_validation" in model.history
 
 
