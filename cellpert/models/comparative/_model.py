@@ -417,47 +417,12 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
             "uns": {"training": training},
         }
 
-    @torch.inference_mode()
-    def get_predictive_means(
-        self,
-        dosage: np.ndarray | torch.Tensor | sp.spmatrix | pd.DataFrame,
-        *,
-        n_samples: int = 2500,
-        library_size: float | np.ndarray = 1e4,
-        transform: Literal["perturbseq", "counts", "rho"] = "perturbseq",
-        seed: int = 0,
-        chunk_size: int | None = None,
-    ) -> np.ndarray:
-        """Prior predictive mean expression per dosage row (for ATEs, docs/models.md, *ATE space and data ATE*).
+    def _predictive_means(self, dosage, n_samples, library, transform, chunk_size) -> torch.Tensor:
+        """Prediction hook of :meth:`get_predictive_means` (the shared template).
 
         A zero row is a background row (``t = 0``); any other row a target row (``t ~
         N(0, I)``): the model has one salient space for every target cell, so all
         perturbations get the same predicted effect. ``z ~ N(0, I)`` for every row.
-
-        Parameters
-        ----------
-        dosage
-            (R, T) rows (see :meth:`dosage_from_labels`).
-        n_samples
-            Particles.
-        library_size
-            ℓ: scalar or one per row.
-        transform
-            ``"perturbseq"``, ``"counts"`` or ``"rho"``.
-        seed
-            Seeds every draw.
-        chunk_size
-            Particles per vectorised chunk.
-
-        Returns
-        -------
-        (R, G) float32 array.
         """
-        self.module.eval()
-        rows = self._dosage_rows(dosage)
-        is_target = torch.as_tensor((np.abs(rows).sum(1) > 0).astype(np.float32), device=self.device)
-        lib = torch.as_tensor(np.asarray(library_size, dtype=np.float32), device=self.device)
-        chunk_size = self._predictive_chunk_size(rows.shape[0], n_samples, chunk_size)
-        with seeded(seed):
-            out = self.module.predictive_means(is_target, n_samples, lib, transform=transform, chunk_size=chunk_size)
-        return out.cpu().numpy()
+        is_target = (dosage.abs().sum(1) > 0).to(torch.float32)
+        return self.module.predictive_means(is_target, n_samples, library, transform=transform, chunk_size=chunk_size)
