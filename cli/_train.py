@@ -103,6 +103,10 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of initialisation and training.")] = None,
     accelerator: Annotated[str | None, typer.Option("--accelerator", help="cpu, gpu or auto.")] = None,
     devices: Annotated[str | None, typer.Option("--devices", help="Number of devices or auto.")] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option("--strategy", help="Lightning strategy, e.g. ddp (several devices or CPU processes)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
@@ -154,10 +158,13 @@ def train(
         "seed": seed,
         "accelerator": accelerator,
         "devices": devices,
+        "strategy": strategy,
     }
     run = train_run(
         screen_path, out_dir=out, config_file=config, overwrite=overwrite, progress_bar=not quiet, **options
     )
+    if run.rank != 0:  # DDP: rank 0 reports and wrote the run directory
+        return
     history = run.model.history
     shown_keys = ("train_loss", "validation_loss")
     last = {name: float(df.iloc[-1, 0]) for name, df in history.items() if len(df) and name in shown_keys}

@@ -69,6 +69,13 @@ COMMON_TRAIN_DOC = """
             same result on CPU.
         accelerator, devices
             Lightning devices.
+        strategy
+            Lightning strategy (None: Lightning's choice). ``"ddp"`` trains on several
+            devices (or CPU processes, with the gloo backend): each process sees its own
+            shard of the training cells with equal batch counts; the loss's global terms
+            stay scaled by the counts of the whole training split (they are module
+            buffers set before training), and the validation metrics are all-reduced,
+            so early stopping and best-state restore take the same decision on every rank.
         train_indices, val_indices
             Override the cells of the split (e.g. sVAE's out-of-distribution protocol).
         plan_kwargs
@@ -122,6 +129,7 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         seed: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
+        strategy: str | None = None,
         train_indices: Sequence[int] | None = None,
         val_indices: Sequence[int] | None = None,
         plan_kwargs: dict | None = None,
@@ -166,6 +174,8 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
             trainer_kwargs["max_time"] = datetime.timedelta(seconds=float(max_time))
         trainer_kwargs.setdefault("enable_progress_bar", False)
         trainer_kwargs.setdefault("enable_model_summary", False)
+        if strategy is not None:
+            trainer_kwargs["strategy"] = strategy
         datamodule = self._datamodule(train_idx, val_idx, batch_size)
         data = (
             {"datamodule": datamodule}
@@ -176,7 +186,9 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         start = time.perf_counter()
         out = UnsupervisedTrainingMixin.train(
             self,
-            max_epochs=max_epochs,
+            # with a step cap, Lightning stops at max_steps; the epochs are left open because
+            # under DDP each rank sees 1/world of the cells per epoch
+            max_epochs=-1 if max_steps is not None else max_epochs,
             accelerator=accelerator,
             devices=devices,
             batch_size=batch_size,

@@ -41,6 +41,8 @@ class TrainedRun:
     screen: PerturbationScreen
     directory: Path
     config: dict[str, Any]
+    rank: int = 0
+    """Global rank of this process (DDP); only rank 0 writes the run directory."""
 
 
 def _history_frame(history: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -63,6 +63,7 @@ def train_run(
     start = time.perf_counter()
     model.train(**train_kwargs)
     training = _training_summary(model, time.perf_counter() - start)
+    rank = int(getattr(getattr(model, "trainer", None), "global_rank", 0) or 0)
 
     config = {
         "cellpert_version": __version__,
@@ -76,9 +77,11 @@ def train_run(
         "n_genes": screen.n_genes,
         "n_perturbations": screen.n_perturbations,
     }
-    write_run_directory(out, model=model, screen=screen, split_key=split_key, config=config, training=training)
     config["training"] = training
-    return TrainedRun(model=model, screen=screen, directory=out, config=config)
+    if rank != 0:  # DDP: the other ranks trained the same model; rank 0 writes it
+        return TrainedRun(model=model, screen=screen, directory=out, config=config, rank=rank)
+    write_run_directory(out, model=model, screen=screen, split_key=split_key, config=config, training=training)
+    return TrainedRun(model=model, screen=screen, directory=out, config=config, rank=rank)
 
 
 def _training_summary(model: Any, wall_s: float) -> dict[str, Any]:
