@@ -314,3 +314,18 @@ def test_out_of_distribution_three_stages(small_adata):
     # stage 3 cannot be worse than stage 2 on the held-out cells' ELBO
     assert table["elbo"].iloc[2] >= table["elbo"].iloc[1] - 1e-3
     assert not np.allclose(before, 0.0)
+
+
+def test_dosage_rows_match_a_combination_whatever_the_order_of_its_parts():
+    # the screen may spell a combination "B+A" where sVAE's label column has "A+B"
+    # (labels written from the dosage matrix follow its column order)
+    model = object.__new__(SVAE)
+    model.labels_ = ["A", "A+B", "C", "control"]
+    model.control_labels_ = ["control"]
+    rows = model.dosage_from_labels(["B+A", "A+B", "A", "A+C", "control"], control=["control"])
+    names = model.perturbation_names  # ["A", "A+B", "C"]
+    assert names == ["A", "A+B", "C"]
+    np.testing.assert_array_equal(
+        rows,
+        [[0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 1], [0, 0, 0]],  # unseen "A+C": its parts' shifts added
+    )

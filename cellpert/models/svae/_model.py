@@ -21,6 +21,7 @@ from cellpert.data import (
     PerturbationScreen,
     detect_control_labels,
     recorded_screen_keys,
+    split_label,
 )
 from cellpert.models._base import (
     CounterfactualMixin,
@@ -447,13 +448,21 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         known label). Control labels give a zero row.
         """
         col = {n: j for j, n in enumerate(self.perturbation_names)}
-        known = [lab for lab in labels if str(lab) in col or str(lab) in set(control) | set(self.control_labels_)]
+        # a combination is the same label whatever the order of its parts ("A+B" = "B+A")
+        by_parts = {frozenset(split_label(n)): j for n, j in col.items()}
+
+        def known_column(lab: str) -> int | None:
+            return col.get(str(lab), by_parts.get(frozenset(split_label(lab))))
+
+        controls = set(control) | set(self.control_labels_)
+        known = [lab for lab in labels if known_column(lab) is not None or str(lab) in controls]
         rows = super().dosage_from_labels([lab for lab in labels if lab not in known], control=control)
         out = np.zeros((len(labels), len(col)), dtype=np.float32)
         it = iter(rows)
         for i, lab in enumerate(labels):
-            if lab in col:
-                out[i, col[lab]] = 1.0
+            j = known_column(lab)
+            if j is not None and str(lab) not in controls:
+                out[i, j] = 1.0
             elif lab not in known:
                 out[i] = next(it)
         return out
