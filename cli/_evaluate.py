@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cellpert_cli._options import (
+    BackedOpt,
     ControlOpt,
     DropZeroGenesOpt,
     LayerOpt,
@@ -176,6 +177,7 @@ def evaluate_ate(
     layer: LayerOpt = None,
     subset: SubsetOpt = None,
     drop_zero_genes: DropZeroGenesOpt = False,
+    backed: BackedOpt = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Compute and print only; write no h5ad.")] = False,
 ) -> None:
     """Average treatment effects: data vs model, additive and mean baselines, held-out IWELBO.
@@ -233,6 +235,7 @@ def evaluate_ate(
         layer=layer,
         subset=subset,
         drop_zero_genes=drop_zero_genes,
+        backed=backed,
         data_cells=data_cells,  # type: ignore[arg-type]
         estimator=estimator,  # type: ignore[arg-type]
         n_particles=n_particles,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cellpert_cli._options import ScreenArg, quiet_libraries
+from cellpert_cli._options import BackedOpt, ScreenArg, quiet_libraries
 
 
 def export_latents(
@@ -25,6 +25,7 @@ def export_latents(
             "(SAMS-VAE, CPA-VAE: plus the perturbations' shifts and masks in that basis).",
         ),
     ] = False,
+    backed: BackedOpt = None,
 ) -> None:
     """Write latents (obsm) and perturbation embeddings / masks (uns) into the h5ad.
 
@@ -43,7 +44,7 @@ def export_latents(
 
     quiet_libraries()
 
-    path, written = _export(screen_path, model_dir=model, out=out, batch_size=batch_size, ica=ica)
+    path, written = _export(screen_path, model_dir=model, out=out, batch_size=batch_size, ica=ica, backed=backed)
     typer.echo(f"wrote {', '.join(written['obsm'] + written['uns'])} -> {path}")
     if "ica_mcc" in written:
         scores = written["ica_mcc"]

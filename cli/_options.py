@@ -31,6 +31,14 @@ SubsetOpt = Annotated[
     str | None,
     typer.Option("--subset", help="pandas query on obs selecting cells, e.g. 'dataset == \"norman19\"'."),
 ]
+BackedOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--backed/--in-memory",
+        help="Read the counts from the file as they are needed instead of loading them (screens larger "
+        "than memory; X must hold the raw counts as CSR). Default: in memory for train, as trained otherwise.",
+    ),
+]
 DropZeroGenesOpt = Annotated[
     bool, typer.Option("--drop-zero-genes", help="Drop genes with zero counts in every selected cell.")
 ]
@@ -54,6 +62,26 @@ def quiet_libraries() -> None:
     import lightning.pytorch  # noqa: F401  (sets its loggers on import)
     import scvi  # noqa: F401
 
+    if _THREADS:
+        import torch
+
+        torch.set_num_threads(_THREADS[0])
     if not logging.getLogger("cellpert").isEnabledFor(logging.DEBUG):
         for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "scvi"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+#: Thread count chosen with ``cellpert --threads`` (None: not set yet).
+_THREADS: list[int] = []
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` CPU threads (default: the cores this process may use, from its CPU
+    affinity) in torch and in the BLAS / OpenMP libraries; returns the number."""
+    import os
+
+    n = int(threads) if threads is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)  # read by the BLAS libraries when they load
+    _THREADS[:] = [n]
+    return n

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cellpert_cli._options import (
+    BackedOpt,
     ControlOpt,
     DosageKeyOpt,
     DropZeroGenesOpt,
@@ -41,6 +42,7 @@ def train(
     dosage_key: DosageKeyOpt = None,
     subset: SubsetOpt = None,
     drop_zero_genes: DropZeroGenesOpt = False,
+    backed: BackedOpt = None,
     split_key: Annotated[
         str | None, typer.Option("--split-key", help="Use this existing obs column as the split (train/val/test).")
     ] = None,
@@ -137,6 +139,7 @@ def train(
         "dosage_key": dosage_key,
         "subset": subset,
         "drop_zero_genes": drop_zero_genes or None,
+        "backed": backed,
         "split_key": split_key,
         "split": split,
         "split_seed": split_seed,

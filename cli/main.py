@@ -19,6 +19,7 @@ from cellpert._errors import CellpertError, CellpertWarning
 from cellpert_cli._evaluate import evaluate_ate
 from cellpert_cli._export import export_latents
 from cellpert_cli._inspect import inspect
+from cellpert_cli._options import set_threads
 from cellpert_cli._simulate import simulate_app
 from cellpert_cli._train import train
 
@@ -67,9 +68,20 @@ def _root(
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="CPU threads for torch and the BLAS libraries (default: the cores this process may use). "
+            "Processes sharing cores should split them: two 2-thread runs on 2 cores are several times slower "
+            "than two 1-thread runs.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """cellpert: perturbation models for single-cell screens."""
     _State.debug = debug
+    set_threads(threads)
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not isinstance(h, _StderrHandler)] + [_StderrHandler()]

@@ -75,8 +75,10 @@ def _dense_matrices(path: Path) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     return found
 
 
-def read_h5ad(path: str | os.PathLike, *, max_dense_bytes: int | None = None) -> ad.AnnData:
-    """Read an ``.h5ad`` file into memory, with one-line errors for unusable files.
+def read_h5ad(
+    path: str | os.PathLike, *, max_dense_bytes: int | None = None, backed: bool = False
+) -> ad.AnnData:
+    """Read an ``.h5ad`` file, with one-line errors for unusable files.
 
     Parameters
     ----------
@@ -85,13 +87,32 @@ def read_h5ad(path: str | os.PathLike, *, max_dense_bytes: int | None = None) ->
     max_dense_bytes
         Refuse dense count matrices larger than this (default:
         :func:`dense_memory_budget_bytes`). Sparse matrices are always accepted.
+    backed
+        Open ``X`` in backed mode (read-only, rows read from disk when used); obs, var,
+        obsm, varm and uns are still read into memory. ``X`` must then be a sparse CSR
+        matrix or a dense array on disk.
 
     Returns
     -------
-    The AnnData object, fully in memory (sparse matrices stay sparse).
+    The AnnData object (fully in memory unless ``backed``; sparse matrices stay sparse).
     """
     path = Path(path)
     _check_path_is_h5ad(path)
+    if backed:
+        try:
+            adata = ad.read_h5ad(path, backed="r")
+        except Exception as err:  # anndata raises many types for malformed files
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CellpertInputError(
+                f"{path} is not a readable AnnData file in backed mode ({msg}); re-write it with anndata."
+            ) from err
+        if adata.layers.keys():
+            adata.file.close()
+            raise CellpertInputError(
+                f"{path} has layers ({', '.join(adata.layers.keys())}); --backed reads the counts from X "
+                "only: write a file whose X holds the raw counts."
+            )
+        return adata
     budget = dense_memory_budget_bytes() if max_dense_bytes is None else max_dense_bytes
     try:
         dense = _dense_matrices(path)
@@ -169,7 +190,9 @@ def save_results(
 
     This is the one path through which cellpert writes into a user's h5ad: callers read
     the whole file, add their fields (never remove any) and call this function, which
-    writes atomically (:func:`write_h5ad_atomic`).
+    writes atomically (:func:`write_h5ad_atomic`). A backed AnnData (counts on disk,
+    ``read_h5ad(..., backed=True)``) is written without loading its counts: the file is
+    copied and its in-memory elements rewritten in the copy, then renamed over the target.
 
     Parameters
     ----------
@@ -181,7 +204,51 @@ def save_results(
         Write to this new file instead and leave ``source`` as it was.
     """
     target = Path(out) if out is not None else Path(source)
+    if adata.isbacked:
+        return _write_backed_atomic(adata, Path(source), target)
     return write_h5ad_atomic(adata, target)
+
+
+#: Elements of an h5ad that a backed AnnData holds in memory (X stays on disk).
+_IN_MEMORY_ELEMENTS = ("obs", "var", "obsm", "varm", "obsp", "varp", "uns")
+
+
+def _write_backed_atomic(adata: ad.AnnData, source: Path, target: Path) -> Path:
+    """:func:`write_h5ad_atomic` for a backed AnnData, without loading its counts.
+
+    The source file is copied (streamed) to a temporary file beside the target; the
+    elements held in memory (obs, var, obsm, varm, obsp, varp, uns: every existing field
+    plus the new ones) are rewritten in the copy; the copy is flushed and atomically
+    renamed over the target. ``X`` (and any layer) is copied byte for byte.
+    """
+    from anndata.io import write_elem
+
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise CellpertInputError(f"{directory}: no such directory; create it or choose another --out.")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "r+") as f:
+            for name in _IN_MEMORY_ELEMENTS:
+                value = getattr(adata, name)
+                if name in ("obsm", "varm", "obsp", "varp", "uns"):
+                    value = dict(value)
+                if name in f:
+                    del f[name]
+                write_elem(f, name, value)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        shutil.copymode(source, tmp)
+        os.replace(tmp, target)
+        _fsync_directory(directory)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return target
 
 
 def to_uns(obj: Any) -> Any:

@@ -460,6 +460,7 @@ def load_screen(
     drop_zero_genes: bool = False,
     require_control: bool = True,
     warn: bool = True,
+    backed: bool = False,
 ) -> PerturbationScreen:
     """Read and validate a perturbation screen.
 
@@ -488,8 +489,22 @@ def load_screen(
         Raise when there are no control cells.
     warn
         Emit :class:`~cellpert.CellpertWarning` for tiny groups and all-zero genes.
+    backed
+        Read the counts from disk as they are needed (:func:`cellpert.data.read_h5ad`
+        with ``backed=True``; a path only): per-cell metadata stays in memory, the count
+        matrix does not, and every pass over the cells streams row chunks. Not combined
+        with ``subset`` or ``drop_zero_genes`` (both would copy the matrix).
     """
-    adata = _select_cells(read_h5ad(data) if not isinstance(data, ad.AnnData) else data, subset)
+    if backed:
+        if isinstance(data, ad.AnnData) and not data.isbacked:
+            raise CellpertInputError("backed=True needs a file path (or an AnnData opened with backed='r').")
+        if subset or drop_zero_genes:
+            which = "--subset" if subset else "--drop-zero-genes"
+            raise CellpertInputError(
+                f"{which} cannot be combined with --backed (it would copy the count matrix into memory); "
+                "write the selected cells or genes to their own file first."
+            )
+    adata = _select_cells(read_h5ad(data, backed=backed) if not isinstance(data, ad.AnnData) else data, subset)
     summary = _count_summary(adata, layer)
     if dosage_key is not None:
         key = None

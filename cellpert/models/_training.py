@@ -24,7 +24,7 @@ import datetime
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,9 +32,15 @@ from scvi.model.base import UnsupervisedTrainingMixin
 
 from cellpert._errors import CellpertInputError
 from cellpert.models._base import resolve_epochs
+from cellpert.models._datamodule import DEFAULT_BLOCK_SIZE, DEFAULT_FETCH_FACTOR
 from cellpert.models._trainingplan import WarmupAwareEarlyStopping
 
-__all__ = ["COMMON_TRAIN_DOC", "PerturbationTrainingMixin"]
+__all__ = ["COMMON_TRAIN_DOC", "Loader", "PerturbationTrainingMixin"]
+
+#: Minibatch reader: ``"random"`` (scvi-tools' loader: rows at random positions),
+#: ``"block"`` (block-shuffled reads, for counts on disk) or ``"auto"`` (block when the
+#: AnnData is backed).
+Loader = Literal["auto", "random", "block"]
 
 #: Docstring of the options every family's ``train`` takes (appended to each family's).
 COMMON_TRAIN_DOC = """
@@ -76,6 +82,13 @@ COMMON_TRAIN_DOC = """
             stay scaled by the counts of the whole training split (they are module
             buffers set before training), and the validation metrics are all-reduced,
             so early stopping and best-state restore take the same decision on every rank.
+        loader
+            ``"auto"`` (default: block-shuffled when the counts are on disk, a backed
+            AnnData; scvi-tools' fully shuffled loader otherwise), ``"random"`` or
+            ``"block"`` (:mod:`cellpert.models._datamodule`).
+        block_size, fetch_factor
+            Block loader: consecutive cells per shuffled block (64) and minibatches read
+            at once (16).
         train_indices, val_indices
             Override the cells of the split (e.g. sVAE's out-of-distribution protocol).
         plan_kwargs
@@ -108,8 +121,28 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
     #: Logged validation metric of early stopping and best-state restore.
     _monitor: ClassVar[str] = "elbo_validation"
 
-    def _datamodule(self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int) -> Any:
-        """Hook: a Lightning data module for these cells (None: scvi-tools' data splitter)."""
+    def _datamodule(
+        self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, *, loader: Loader,
+        block_size: int, fetch_factor: int, seed: int,
+    ) -> Any:  # fmt: skip
+        """Hook: a Lightning data module for these cells (None: scvi-tools' data splitter).
+
+        ``loader="block"``, or ``"auto"`` on a backed AnnData: the block-shuffled reader
+        of :mod:`cellpert.models._datamodule`.
+        """
+        if loader not in ("auto", "random", "block"):
+            raise CellpertInputError(f"loader must be 'auto', 'random' or 'block', not {loader!r}.")
+        if loader == "block" or (loader == "auto" and getattr(self.adata, "isbacked", False)):
+            from cellpert.models._datamodule import BlockShuffledDataModule
+
+            if int(block_size) < 1 or int(fetch_factor) < 1:
+                raise CellpertInputError(
+                    f"block_size and fetch_factor must be positive integers, not {block_size} and {fetch_factor}."
+                )
+            return BlockShuffledDataModule(
+                self.adata_manager, train_idx, val_idx, batch_size, block_size=block_size,
+                fetch_factor=fetch_factor, seed=seed,
+            )  # fmt: skip
         return None
 
     def train(
@@ -130,6 +163,9 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         strategy: str | None = None,
+        loader: Loader = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        fetch_factor: int = DEFAULT_FETCH_FACTOR,
         train_indices: Sequence[int] | None = None,
         val_indices: Sequence[int] | None = None,
         plan_kwargs: dict | None = None,
@@ -176,7 +212,9 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         trainer_kwargs.setdefault("enable_model_summary", False)
         if strategy is not None:
             trainer_kwargs["strategy"] = strategy
-        datamodule = self._datamodule(train_idx, val_idx, batch_size)
+        datamodule = self._datamodule(
+            train_idx, val_idx, batch_size, loader=loader, block_size=block_size, fetch_factor=fetch_factor, seed=seed
+        )
         data = (
             {"datamodule": datamodule}
             if datamodule is not None

@@ -107,6 +107,7 @@ DATA_OPTIONS: dict[str, Any] = {
     "split_seed": 0,
     "fraction": 1.0,
     "heldout": None,
+    "backed": False,
 }
 
 
@@ -177,6 +178,7 @@ def screen_from_options(path: str | os.PathLike | ad.AnnData, data: dict[str, An
         dosage_key=data.get("dosage_key"),
         subset=data.get("subset"),
         drop_zero_genes=bool(data.get("drop_zero_genes")),
+        backed=bool(data.get("backed")),
     )
 
 

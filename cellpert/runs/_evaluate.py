@@ -48,6 +48,7 @@ def evaluate_ate(
     ceiling: bool = True,
     seed: int = 0,
     write: bool = True,
+    backed: bool | None = None,
 ) -> AteEvaluation:
     """Evaluate a trained run's ATEs on its screen and write the results into the h5ad.
 
@@ -75,6 +76,10 @@ def evaluate_ate(
         table, ``varm["ate_data"]`` and the noise ceiling.
     write
         False: compute only.
+    backed
+        Read the counts from disk (default: as the run was trained; without a run, in
+        memory); every pass over the cells streams, and the file is written back
+        without loading the counts.
 
     Writes
     ------
@@ -89,7 +94,7 @@ def evaluate_ate(
     """
     identity: dict[str, Any] = {}
     if model_dir is not None:
-        run = load_run(screen_path, model_dir)
+        run = load_run(screen_path, model_dir, backed=backed)
         screen, model = run.screen, run.model
         key = key_added or model_key(str(run.config["model"]))
         identity = {
@@ -107,6 +112,7 @@ def evaluate_ate(
             subset=subset,
             drop_zero_genes=drop_zero_genes,
             warn=False,
+            backed=bool(backed),
         )
         model = None
         key = key_added or DATA_KEY
@@ -132,7 +138,8 @@ def evaluate_ate(
     evaluation.config["screen"] = str(Path(screen_path).resolve())
     if not write:
         return evaluation
-    full = read_h5ad(screen_path)
+    # a backed screen is written back without loading its counts (cellpert.data.save_results)
+    full = read_h5ad(screen_path, backed=bool(screen.adata.isbacked))
     write_ate_results(full, evaluation)
     evaluation.path = save_results(full, screen_path, out=out)
     return evaluation

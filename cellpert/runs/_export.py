@@ -142,6 +142,7 @@ def export_latents(
     batch_size: int | None = None,
     ica: bool = False,
     seed: int = 0,
+    backed: bool | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write what a trained run learned into the screen's h5ad (through the safe writer).
 
@@ -149,13 +150,16 @@ def export_latents(
     (keys prefixed by the run's model key; cells outside the run's ``subset`` get NaN;
     ``config`` is the run's resolved options) and saves with
     :func:`cellpert.data.save_results` (a temporary file, then an atomic replace).
+    ``backed``: read the counts from disk (default: as the run was trained); the
+    file is then written back without loading them.
 
     Returns
     -------
     The path written, and what was written (see :func:`write_latents`).
     """
-    run = load_run(screen_path, model_dir)
-    full = read_h5ad(screen_path)
+    run = load_run(screen_path, model_dir, backed=backed)
+    # a backed screen is written back without loading its counts (cellpert.data.save_results)
+    full = read_h5ad(screen_path, backed=bool(run.screen.adata.isbacked))
     written = write_latents(
         full, run.model, key_added=model_key(run.config["model"]), ica=ica, seed=seed, batch_size=batch_size,
         rows=_subset_rows(full, run.config.get("subset")), config=run.config,

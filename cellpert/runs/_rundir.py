@@ -115,13 +115,19 @@ def check_run_matches(screen: PerturbationScreen, model_dir: Path) -> None:
         )
 
 
-def load_run(screen: str | os.PathLike | ad.AnnData, model_dir: str | os.PathLike) -> TrainedRun:
-    """Load a trained run on a screen, checking that genes and perturbations match."""
+def load_run(
+    screen: str | os.PathLike | ad.AnnData, model_dir: str | os.PathLike, *, backed: bool | None = None
+) -> TrainedRun:
+    """Load a trained run on a screen, checking that genes and perturbations match.
+
+    ``backed``: read the counts from disk (default: as the run was trained).
+    """
     model_dir = Path(model_dir)
     config = read_run_config(model_dir)
     entry = get_entry(config["model"])
     cls = entry.load_class()
-    loaded = screen_from_options(screen, config)
+    options = dict(config) if backed is None else {**config, "backed": bool(backed)}
+    loaded = screen_from_options(screen, options)
     check_run_matches(loaded, model_dir)
     split_key = config.get("split_key") or DEFAULT_SPLIT_KEY
     split = pd.read_csv(model_dir / "split.csv")

@@ -268,8 +268,11 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         "restore_best": False,
     }
 
-    def _datamodule(self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int) -> Any:
-        """Minibatches hold background and target cells in proportion (see the splitter)."""
+    def _datamodule(self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, *, loader: str, **_: Any) -> Any:
+        """Minibatches hold background and target cells in proportion (see the splitter;
+        its rows are read at random positions, from memory or from a backed file)."""
+        if loader == "block":
+            raise CellpertInputError("the comparative model has its own proportional loader; use loader='auto'.")
         return ComparativeDataSplitter(self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size)
 
     def train(
