@@ -155,13 +155,37 @@ def sams(
     effect_sd: Annotated[
         float, typer.Option("--effect-sd", help="Standard deviation of the embedding magnitudes.")
     ] = _default(simulate_sams, "effect_sd"),
+    in_blocks: Annotated[
+        bool,
+        typer.Option(
+            "--in-blocks",
+            help="Draw the counts in row blocks and append them to the file, so that the count matrix is "
+            "never in memory (for screens larger than memory; the same file as without it).",
+        ),
+    ] = False,
 ) -> None:
     """The SAMS-VAE simulation: sparse additive shifts, optional combinations, NB counts.
 
     Example:
 
         cellpert simulate sams -o s.h5ad --seed 0 --n-combinations 20
+
+        cellpert simulate sams -o big.h5ad --n-perturbations 100 --n-cells-per-perturbation 8000 1000 1000 --n-genes 2000 --in-blocks
     """
+    if in_blocks:
+        import anndata as ad
+
+        path = simulate_sams(
+            seed=seed, n_perturbations=n_perturbations, n_latent=n_latent, mask_prob=mask_prob,
+            n_cells_per_perturbation=n_cells_per_perturbation, n_control_cells=n_control_cells,
+            n_combinations=n_combinations, n_genes=n_genes, library_size=library_size,
+            library_size_log_sd=library_size_log_sd, nb_theta=nb_theta,
+            decoder_hidden=tuple(decoder_hidden), effect_mean=effect_mean, effect_sd=effect_sd, out=out,
+        )  # fmt: skip
+        backed = ad.read_h5ad(path, backed="r")
+        typer.echo(f"simulated sams in blocks: {backed.n_obs:,} cells x {backed.n_vars:,} genes -> {path}")
+        backed.file.close()
+        return
     adata = simulate_sams(
         seed=seed, n_perturbations=n_perturbations, n_latent=n_latent, mask_prob=mask_prob,
         n_cells_per_perturbation=n_cells_per_perturbation, n_control_cells=n_control_cells,

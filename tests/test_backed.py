@@ -100,3 +100,16 @@ def test_train_evaluate_export_backed_write_back_without_losing_anything(csr_fil
     np.testing.assert_array_equal(after.obsm["X_samsvae_latent"], run.model.get_latent_representation(kind="latent"))
     assert not list(tmp_path.glob(".*.tmp"))
     assert file_digest(csr_file) == original  # reading backed never writes the file it reads
+
+
+def test_simulating_in_blocks_writes_the_same_screen_as_in_memory(tmp_path):
+    kwargs = {"seed": 3, "n_perturbations": 5, "n_latent": 3, "n_genes": 40, "n_combinations": 2}
+    path = simulate_sams(**kwargs, out=tmp_path / "blocks.h5ad")
+    assert path == tmp_path / "blocks.h5ad" and not list(tmp_path.glob(".*.tmp"))
+    on_disk, in_memory = ad.read_h5ad(path), simulate_sams(**kwargs)
+    assert sp.issparse(on_disk.X) and (on_disk.X != in_memory.X).nnz == 0
+    assert on_disk.obs.equals(in_memory.obs)
+    np.testing.assert_array_equal(on_disk.obsm["X_true_latent"], in_memory.obsm["X_true_latent"])
+    np.testing.assert_array_equal(
+        on_disk.uns["cellpert"]["ground_truth"]["mask"], in_memory.uns["cellpert"]["ground_truth"]["mask"]
+    )

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import anndata as ad
@@ -300,7 +301,8 @@ def sample_counts(
     likelihood: Literal["nb", "poisson"] = "nb",
     theta: float | None = None,
     total_per_gene: float = 1e6,
-) -> tuple[sp.csr_matrix, np.ndarray]:
+    sink: Callable[[sp.csr_matrix], None] | None = None,
+) -> tuple[sp.csr_matrix | None, np.ndarray]:
     """Draw the count matrix from the decoder logits, one block of rows at a time.
 
     Parameters
@@ -319,11 +321,14 @@ def sample_counts(
         ℓ_i per cell for ``normalise="genes"``.
     likelihood
         ``"nb"`` (inverse dispersion ``theta``) or ``"poisson"``.
+    sink
+        Called with each block of rows (CSR, in order) instead of keeping them, e.g. to
+        append them to a file; the counts returned are then None.
 
     Returns
     -------
-    The counts (CSR, float32, integer values) and the expected library size
-    ``Σ_g mean_ig`` of each cell.
+    The counts (CSR, float32, integer values; None with ``sink``) and the expected
+    library size ``Σ_g mean_ig`` of each cell.
     """
     n_cells, n_genes = latent.shape[0], decoder.n_out
     chunks = row_chunks(n_cells, n_genes)
@@ -342,7 +347,13 @@ def sample_counts(
         else:
             mean = total_per_gene * np.exp(logits) / gene_total
         expected[sl] = mean.sum(axis=1)
-        blocks.append(sp.csr_matrix(_draw(rng, mean, likelihood, theta).astype(np.float32)))
+        block = sp.csr_matrix(_draw(rng, mean, likelihood, theta).astype(np.float32))
+        if sink is not None:
+            sink(block)
+        else:
+            blocks.append(block)
+    if sink is not None:
+        return None, expected
     if not blocks:
         return sp.csr_matrix((0, n_genes), dtype=np.float32), expected
     return sp.vstack(blocks, format="csr", dtype=np.float32), expected
@@ -421,6 +432,75 @@ def build_adata(
         ground_truth.get("simulator"), n_cells, n_genes, len(group_labels),
     )
     return adata
+
+
+def write_in_blocks(
+    path: Path,
+    *,
+    n_genes: int,
+    draw: Mapping[str, Any],
+    group_labels: Sequence[str],
+    group_of_cell: np.ndarray,
+    split: np.ndarray,
+    obsm: Mapping[str, np.ndarray],
+    obs: Mapping[str, np.ndarray] | None = None,
+    ground_truth: Mapping[str, Any],
+) -> Path:
+    """Write a simulated screen to ``path`` with the counts drawn and appended in row blocks.
+
+    The screen without counts (obs, var, obsm, uns: what :func:`build_adata` makes, with
+    an empty CSR ``X``) is written to a temporary file beside ``path``; then
+    :func:`sample_counts` (arguments ``draw``) appends each block of rows to its ``X``;
+    the file is flushed and renamed to ``path``. Memory: one block of counts.
+    """
+    import contextlib
+    import os
+    import tempfile
+
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    from cellpert.data._io import write_h5ad_atomic
+
+    n_cells = len(group_of_cell)
+    skeleton = build_adata(
+        counts=sp.csr_matrix((n_cells, n_genes), dtype=np.float32), group_labels=group_labels,
+        group_of_cell=group_of_cell, split=split, obsm=obsm, obs=obs, ground_truth=ground_truth,
+    )  # fmt: skip
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CellpertInputError(f"{directory}: no such directory; create it or choose another --out.")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_h5ad_atomic(skeleton, tmp)
+        del skeleton
+        with h5py.File(tmp, "r+") as f:
+            del f["X"]
+            state = {"rows": 0}
+
+            def append(block: sp.csr_matrix) -> None:
+                if state["rows"] == 0:
+                    write_elem(f, "X", block)
+                else:
+                    sparse_dataset(f["X"]).append(block)
+                state["rows"] += block.shape[0]
+
+            sample_counts(**draw, sink=append)
+            if state["rows"] != n_cells:  # pragma: no cover - sample_counts covers every row
+                raise RuntimeError(f"wrote {state['rows']} of {n_cells} rows")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)  # mkstemp creates 0600; a new file gets the usual umask-based mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
 
 
 def string_array(values: Sequence[str]) -> np.ndarray:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -27,6 +29,7 @@ from cellpert.data.simulate._common import (
     random_mlp,
     sample_counts,
     string_array,
+    write_in_blocks,
 )
 
 __all__ = ["sams_true_ate", "simulate_sams"]
@@ -52,7 +55,8 @@ def simulate_sams(
     decoder_hidden: Sequence[int] = (50, 50, 50, 50),
     effect_mean: float = 5.0,
     effect_sd: float = 0.5,
-) -> ad.AnnData:
+    out: str | os.PathLike | None = None,
+) -> ad.AnnData | Path:
     """Simulate a screen with sparse additive mechanism shifts, as in the SAMS-VAE paper.
 
     Generative story (docs/models.md, *SAMS-VAE*, *Simulators*):
@@ -107,10 +111,16 @@ def simulate_sams(
         Widths of the decoder's hidden layers.
     effect_mean, effect_sd
         Mean and standard deviation of the embedding magnitudes.
+    out
+        Write the screen to this ``.h5ad`` file in row blocks instead of returning it,
+        so that the count matrix is never in memory at once (per-cell latents, labels
+        and library sizes are). The file is written to a temporary name and renamed
+        when complete. The file holds the same screen as the AnnData returned without
+        ``out`` (the same blocks are drawn in the same order).
 
     Returns
     -------
-    AnnData with
+    The path written (with ``out``), else an AnnData with
 
     - ``X``: CSR float32 counts, cells x genes;
     - ``obs['perturbation']``: ``"control"``, ``"P000"``…, ``"P003+P045"``… (categorical);
@@ -191,9 +201,9 @@ def simulate_sams(
     # --- decoder f: K -> hidden… -> G, outputs standardised per gene
     decoder = random_mlp(rng_decoder, [n_latent, *hidden, n_genes], negative_slope=LEAKY_SLOPE)
     decoder = decoder.standardised(z, per_output=True, center=True)
-    counts, _ = sample_counts(
-        rng_counts, z, decoder, normalise="genes", library_size=library, likelihood="nb", theta=nb_theta
-    )
+    draw = {"rng": rng_counts, "latent": z, "decoder": decoder, "normalise": "genes", "library_size": library,
+            "likelihood": "nb", "theta": nb_theta}  # fmt: skip
+    counts = None if out is not None else sample_counts(**draw)[0]
 
     # --- split: the first cells of each group train, then val, then test
     split = np.concatenate(
@@ -212,6 +222,12 @@ def simulate_sams(
         "combination_parts": parts.astype(np.int64),
         "decoder": decoder.to_uns(),
     }
+    if out is not None:
+        return write_in_blocks(
+            Path(out), n_genes=n_genes, draw=draw, group_labels=[CONTROL_LABEL, *names, *combo_labels],
+            group_of_cell=group, split=split, obsm={"X_true_latent": z, "X_true_basal": z_basal},
+            obs={"true_library_size": library.astype(np.float32)}, ground_truth=ground_truth,
+        )  # fmt: skip
     return build_adata(
         counts=counts,
         group_labels=[CONTROL_LABEL, *names, *combo_labels],
