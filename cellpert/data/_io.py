@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,15 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
-    """Write ``adata`` to ``path`` so that ``path`` is never left half-written.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, mode_from: Path | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` that becomes ``path`` when the block succeeds.
 
-    The data go to a temporary file beside the target, which is flushed to disk
-    (``fsync``) and then atomically renamed over the target. If anything fails, the
-    temporary file is removed and an existing target is untouched.
-
-    Returns
-    -------
-    The path written.
+    The block writes the temporary file; it is then flushed to disk (``fsync``), given
+    the mode of ``mode_from`` (else of an existing ``path``, else the umask's) and
+    atomically renamed over ``path``. If the block or any step fails, the temporary file
+    is removed and an existing ``path`` is untouched. This is the one way cellpert
+    replaces a file.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -165,11 +164,12 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        adata.write_h5ad(tmp)
+        yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        if path.exists():
-            shutil.copymode(path, tmp)
+        reference = mode_from if mode_from is not None else (path if path.exists() else None)
+        if reference is not None:
+            shutil.copymode(reference, tmp)
         else:  # mkstemp creates 0600; a new result file gets the usual umask-based mode
             umask = os.umask(0)
             os.umask(umask)
@@ -180,7 +180,22 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    return path
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write ``adata`` to ``path`` so that ``path`` is never left half-written.
+
+    The data go to a temporary file beside the target, which is flushed to disk
+    (``fsync``) and then atomically renamed over the target (:func:`atomic_path`). If
+    anything fails, the temporary file is removed and an existing target is untouched.
+
+    Returns
+    -------
+    The path written.
+    """
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)
 
 
 def save_results(
@@ -223,13 +238,7 @@ def _write_backed_atomic(adata: ad.AnnData, source: Path, target: Path) -> Path:
     """
     from anndata.io import write_elem
 
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CellpertInputError(f"{directory}: no such directory; create it or choose another --out.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(target, mode_from=source) as tmp:
         shutil.copyfile(source, tmp)
         with h5py.File(tmp, "r+") as f:
             for name in _IN_MEMORY_ELEMENTS:
@@ -239,15 +248,6 @@ def _write_backed_atomic(adata: ad.AnnData, source: Path, target: Path) -> Path:
                 if name in f:
                     del f[name]
                 write_elem(f, name, value)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        shutil.copymode(source, tmp)
-        os.replace(tmp, target)
-        _fsync_directory(directory)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return target
 
 

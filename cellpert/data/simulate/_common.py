@@ -453,28 +453,18 @@ def write_in_blocks(
     :func:`sample_counts` (arguments ``draw``) appends each block of rows to its ``X``;
     the file is flushed and renamed to ``path``. Memory: one block of counts.
     """
-    import contextlib
-    import os
-    import tempfile
-
     import h5py
     from anndata.io import sparse_dataset, write_elem
 
-    from cellpert.data._io import write_h5ad_atomic
+    from cellpert.data._io import atomic_path
 
     n_cells = len(group_of_cell)
     skeleton = build_adata(
         counts=sp.csr_matrix((n_cells, n_genes), dtype=np.float32), group_labels=group_labels,
         group_of_cell=group_of_cell, split=split, obsm=obsm, obs=obs, ground_truth=ground_truth,
     )  # fmt: skip
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CellpertInputError(f"{directory}: no such directory; create it or choose another --out.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_h5ad_atomic(skeleton, tmp)
+    with atomic_path(path) as tmp:
+        skeleton.write_h5ad(tmp)
         del skeleton
         with h5py.File(tmp, "r+") as f:
             del f["X"]
@@ -490,16 +480,6 @@ def write_in_blocks(
             sample_counts(**draw, sink=append)
             if state["rows"] != n_cells:  # pragma: no cover - sample_counts covers every row
                 raise RuntimeError(f"wrote {state['rows']} of {n_cells} rows")
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)  # mkstemp creates 0600; a new file gets the usual umask-based mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return path
 
 
