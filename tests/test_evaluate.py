@@ -334,3 +334,16 @@ def test_registered_command_errors_are_one_line_and_leave_the_file(trained, tmp_
     assert file_digest(bad_path) == before
     assert main.run(["evaluate-ate", str(path), "--no-write"]) == 0
     assert "data ATE of 9 labels" in capsys.readouterr().out
+
+
+def test_in_memory_evaluation_writes_under_key_added(trained):
+    # scanpy style: a fitted model's ATEs into an AnnData, no run directory involved
+    from cellpert.evaluate import write_ate_results
+
+    _, _, run = trained
+    ev = compute_ate_evaluation(run.screen, run.model, key_added="mine", n_draws=4, iwelbo_samples=5, ceiling=False)
+    adata = run.screen.adata.copy()
+    written = write_ate_results(adata, ev)
+    assert ev.key == "mine" and "varm/ate_mine" in written and "uns/cellpert/ate_metrics/mine" in written
+    np.testing.assert_array_equal(adata.varm["ate_mine"][list(ev.model_ate.ate.columns)].to_numpy(),
+                                  ev.model_ate.ate.reindex(adata.var_names.astype(str)).to_numpy())  # fmt: skip

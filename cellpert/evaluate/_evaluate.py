@@ -349,6 +349,7 @@ def compute_ate_evaluation(
     screen: PerturbationScreen,
     model: Any = None,
     *,
+    key_added: str | None = None,
     key: str | None = None,
     split: np.ndarray | str | None = None,
     data_cells: Literal["all", "split"] = "split",
@@ -380,8 +381,12 @@ def compute_ate_evaluation(
         :func:`cellpert.evaluate.model_ate` (and, for the default estimator,
         ``get_counterfactual_effects``) and ``get_iwelbo``; None computes the data ATE
         alone.
+    key_added
+        Prefix of the keys :func:`write_ate_results` writes (``varm["ate_<key_added>"]``,
+        ``uns["cellpert"]["ate_metrics"][<key_added>]``; default: ``"model"`` with a model,
+        ``"data"`` without).
     key
-        Output key (default: ``"model"`` with a model, ``"data"`` without).
+        Former name of ``key_added`` (kept for existing code).
     split
         Split per cell (array) or an obs column; default ``model.split_values()``, else
         ``obs["cellpert_split"]``, else none (only the ``"all"`` column is scored and no
@@ -418,6 +423,7 @@ def compute_ate_evaluation(
     -------
     AteEvaluation
     """
+    key = key_added if key_added is not None else key
     if data_cells not in ("all", "split"):
         raise CellpertInputError(f"data_cells must be 'all' or 'split', not {data_cells!r}.")
     if estimator not in ("counterfactual", "prior"):

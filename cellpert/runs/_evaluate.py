@@ -120,7 +120,7 @@ def evaluate_ate(
     evaluation = compute_ate_evaluation(
         screen,
         model,
-        key=key,
+        key_added=key,
         data_cells=data_cells,
         estimator=estimator,
         n_particles=n_particles,
