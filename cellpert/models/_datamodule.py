@@ -13,7 +13,9 @@ float32, every other registered field float32 with its registered shape), read f
 the in-memory per-cell fields (dosage, library size, labels) and the backed counts.
 
 Peak memory is bounded by ``batch_size * fetch_factor`` rows of counts, not by the
-number of cells. Validation cells are read in order (no shuffling needed).
+number of cells. Validation cells are read in order (no shuffling needed). Under DDP
+scdataset deals the reads to the ranks in turn; each epoch's order is cut to a multiple
+of (cells per read x ranks) so that every rank gets as many minibatches (DDP needs it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS
 from torch.utils.data import DataLoader
+
+from cellpert._errors import CellpertInputError
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_FETCH_FACTOR", "BlockShuffledDataModule"]
 
@@ -69,6 +73,31 @@ class _Cells:
             part = value[rows]
             out[key] = part.toarray() if sp.issparse(part) else part
         return out
+
+
+def _even_shards(block_size: int, unit: int):
+    """scdataset's BlockShuffling with each epoch's cell order cut to a multiple of ``unit``
+    (cells per read x DDP ranks), so that every rank gets the same number of full reads and
+    so of minibatches, which DDP needs. The cells cut are the end of that epoch's block
+    order: different cells every epoch."""
+    from scdataset import BlockShuffling
+
+    class EvenShards(BlockShuffling):
+        def get_len(self, data_collection) -> int:
+            n = super().get_len(data_collection)
+            return n - n % unit
+
+        def get_indices(self, data_collection, *args, **kwargs):
+            indices = super().get_indices(data_collection, *args, **kwargs)
+            return indices[: len(indices) - len(indices) % unit]
+
+    return EvenShards(block_size=block_size)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _fetch(cells: _Cells, positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -125,12 +154,28 @@ class BlockShuffledDataModule(pl.LightningDataModule):
         from scdataset import BlockShuffling, scDataset
         from scdataset.strategy import Streaming
 
+        fetch_factor = self.fetch_factor
         strategy = BlockShuffling(block_size=self.block_size) if shuffle else Streaming()
+        world = _world_size()
+        if shuffle and world > 1:  # DDP: every rank the same number of full minibatches
+            while fetch_factor > 1 and len(indices) < self.batch_size * fetch_factor * world:
+                fetch_factor //= 2
+            unit = self.batch_size * fetch_factor * world
+            if len(indices) < unit:
+                raise CellpertInputError(
+                    f"{len(indices)} training cells cannot fill one minibatch of {self.batch_size} on each of "
+                    f"{world} processes; lower --batch-size or --devices."
+                )
+            strategy = _even_shards(self.block_size, unit)
+        batch_size = self.batch_size
+        if not shuffle and world > 1:  # validation under DDP: at least one minibatch per rank
+            fetch_factor = 1
+            batch_size = max(1, min(batch_size, -(-len(indices) // world)))
         dataset = scDataset(
             _Cells(self.adata_manager, indices),
             strategy,
-            batch_size=self.batch_size,
-            fetch_factor=self.fetch_factor,
+            batch_size=batch_size,
+            fetch_factor=fetch_factor,
             fetch_callback=_fetch,
             batch_callback=_batch,
             seed=self.seed,
