@@ -99,13 +99,7 @@ def read_h5ad(
     path = Path(path)
     _check_path_is_h5ad(path)
     if backed:
-        try:
-            adata = ad.read_h5ad(path, backed="r")
-        except Exception as err:  # anndata raises many types for malformed files
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CellpertInputError(
-                f"{path} is not a readable AnnData file in backed mode ({msg}); re-write it with anndata."
-            ) from err
+        adata = _read_anndata(path, backed=True)
         if adata.layers.keys():
             adata.file.close()
             raise CellpertInputError(
@@ -128,8 +122,13 @@ def read_h5ad(
                 "anndata.experimental.read_elem_lazy / backed mode) or raise "
                 f"${DENSE_BUDGET_ENV} if the machine has the memory."
             )
+    return _read_anndata(path, backed=False)
+
+
+def _read_anndata(path: Path, *, backed: bool) -> ad.AnnData:
+    """``anndata.read_h5ad`` with one clear line for a malformed file."""
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # anndata raises many types for malformed files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CellpertInputError(

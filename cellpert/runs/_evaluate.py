@@ -13,12 +13,11 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from cellpert.data import as_list, load_screen, read_h5ad, save_results
 from cellpert.evaluate import AteEvaluation, compute_ate_evaluation, write_ate_results
-from cellpert.evaluate._evaluate import DATA_KEY, Estimator
-from cellpert.evaluate._model_ate import LibrarySize
+from cellpert.evaluate._evaluate import DATA_KEY
 from cellpert.runs._registry import model_key
 from cellpert.runs._rundir import load_run
 
@@ -36,19 +35,10 @@ def evaluate_ate(
     layer: str | None = None,
     subset: str | None = None,
     drop_zero_genes: bool = False,
-    data_cells: Literal["all", "split"] = "split",
-    estimator: Estimator = "counterfactual",
-    n_particles: int = 2500,
-    n_groups: int = 50,
-    n_draws: int = 100,
-    library_size: LibrarySize | float = "fixed",
-    top_n: int = 20,
     split: str = "test",
-    iwelbo_samples: int = 100,
-    ceiling: bool = True,
-    seed: int = 0,
     write: bool = True,
     backed: bool | None = None,
+    **options: Any,
 ) -> AteEvaluation:
     """Evaluate a trained run's ATEs on its screen and write the results into the h5ad.
 
@@ -69,8 +59,6 @@ def evaluate_ate(
         Output key (default: the run's model key, e.g. ``samsvae``, ``cpa_vae``).
     perturbation_key, control, layer, subset, drop_zero_genes
         Screen options when there is no ``model_dir`` (ignored otherwise).
-    data_cells, estimator, n_particles, n_groups, n_draws, library_size, top_n, iwelbo_samples, ceiling, seed
-        See :func:`cellpert.evaluate.compute_ate_evaluation`.
     split
         The split shown: its cells give the IWELBO, its target the per-perturbation
         table, ``varm["ate_data"]`` and the noise ceiling.
@@ -80,6 +68,10 @@ def evaluate_ate(
         Read the counts from disk (default: as the run was trained; without a run, in
         memory); every pass over the cells streams, and the file is written back
         without loading the counts.
+    **options
+        Options of :func:`cellpert.evaluate.compute_ate_evaluation` (``data_cells``,
+        ``estimator``, ``n_particles``, ``n_groups``, ``n_draws``, ``library_size``,
+        ``top_n``, ``iwelbo_samples``, ``ceiling``, ``seed``), passed on unchanged.
 
     Writes
     ------
@@ -117,22 +109,7 @@ def evaluate_ate(
         model = None
         key = key_added or DATA_KEY
     t0 = time.perf_counter()
-    evaluation = compute_ate_evaluation(
-        screen,
-        model,
-        key_added=key,
-        data_cells=data_cells,
-        estimator=estimator,
-        n_particles=n_particles,
-        n_groups=n_groups,
-        n_draws=n_draws,
-        library_size=library_size,
-        top_n=top_n,
-        iwelbo_split=split,
-        iwelbo_samples=iwelbo_samples,
-        ceiling=ceiling,
-        seed=seed,
-    )
+    evaluation = compute_ate_evaluation(screen, model, key_added=key, iwelbo_split=split, **options)
     evaluation.config["timings"]["total_s"] = time.perf_counter() - t0
     evaluation.config["identity"] = identity
     evaluation.config["screen"] = str(Path(screen_path).resolve())

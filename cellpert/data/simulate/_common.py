@@ -435,22 +435,13 @@ def build_adata(
 
 
 def write_in_blocks(
-    path: Path,
-    *,
-    n_genes: int,
-    draw: Mapping[str, Any],
-    group_labels: Sequence[str],
-    group_of_cell: np.ndarray,
-    split: np.ndarray,
-    obsm: Mapping[str, np.ndarray],
-    obs: Mapping[str, np.ndarray] | None = None,
-    ground_truth: Mapping[str, Any],
+    path: Path, *, n_genes: int, draw: Mapping[str, Any], **screen: Any
 ) -> Path:
     """Write a simulated screen to ``path`` with the counts drawn and appended in row blocks.
 
-    The screen without counts (obs, var, obsm, uns: what :func:`build_adata` makes, with
-    an empty CSR ``X``) is written to a temporary file beside ``path``; then
-    :func:`sample_counts` (arguments ``draw``) appends each block of rows to its ``X``;
+    The screen without counts (obs, var, obsm, uns: what :func:`build_adata` makes from
+    ``screen``, its arguments other than ``counts``, with an empty CSR ``X``) is written
+    to a temporary file beside ``path``; then :func:`sample_counts` (arguments ``draw``) appends each block of rows to its ``X``;
     the file is flushed and renamed to ``path``. Memory: one block of counts.
     """
     import h5py
@@ -458,11 +449,8 @@ def write_in_blocks(
 
     from cellpert.data._io import atomic_path
 
-    n_cells = len(group_of_cell)
-    skeleton = build_adata(
-        counts=sp.csr_matrix((n_cells, n_genes), dtype=np.float32), group_labels=group_labels,
-        group_of_cell=group_of_cell, split=split, obsm=obsm, obs=obs, ground_truth=ground_truth,
-    )  # fmt: skip
+    n_cells = len(screen["group_of_cell"])
+    skeleton = build_adata(counts=sp.csr_matrix((n_cells, n_genes), dtype=np.float32), **screen)
     with atomic_path(path) as tmp:
         skeleton.write_h5ad(tmp)
         del skeleton
