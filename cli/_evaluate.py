@@ -62,8 +62,8 @@ def _summary_lines(evaluation, split: str) -> list[str]:
         m, b = summary.loc["model_pearson", col], summary.loc["average_pearson", col]
         mt, bt = summary.loc["model_pearson_top", col], summary.loc["average_pearson_top", col]
         if m == m and b == b:
-            better = (m >= b) + (mt >= bt)
-            verdict = ("beats" if better == 2 else "does not beat" if better == 0 else "ties with")
+            better = int(m >= b) + int(mt >= bt)  # numpy bools would add to a bool
+            verdict = "beats" if better == 2 else "does not beat" if better == 0 else "beats on one of two metrics"
             lines.append(
                 f"the model {verdict} the training-cell average here: r {m:.3f} vs {b:.3f}, "
                 f"top-{top_n} r {mt:.3f} vs {bt:.3f}"
@@ -72,7 +72,7 @@ def _summary_lines(evaluation, split: str) -> list[str]:
     if cal:
         lines.append(
             f"90% intervals: {cal['coverage_before']:.0%} of the validation cells' ATE covered (noise accounted for); "
-            "recalibrated intervals cover 90% (varm ..._cal_lo/_cal_hi)"
+            f"recalibrated intervals cover {cal['coverage_after']:.0%} (varm ..._cal_lo/_cal_hi)"
         )
     header = f"{evaluation.key}: metrics on the {col!r} labels"
     iw = evaluation.iwelbo
@@ -89,6 +89,24 @@ def _summary_lines(evaluation, split: str) -> list[str]:
     return [header, *notes, *lines]
 
 
+def _level_lines(evaluation) -> list[str]:
+    """Per-level table (with ``--by``): ATE r and top-N r of each predictor within each level."""
+    table = evaluation.per_level
+    if table is None:
+        return []
+    key = evaluation.config.get("level_key")
+    names = [n for n in evaluation.predictors if f"{n}_pearson" in table.columns]
+    top_n = evaluation.config.get("top_n", 20)
+    lines = [f"within each level of obs[{key!r}] ({evaluation.config.get('pool')} pooling above): ATE r / top-{top_n} r"]
+    lines.append(f"{'level':<16} {'weight':>7} " + " ".join(f"{n:>15}" for n in names))
+    for level, row in table.iterrows():
+        cells = " ".join(
+            f"{_fmt(row.get(f'{n}_pearson')) + ' / ' + _fmt(row.get(f'{n}_pearson_top')):>15}" for n in names
+        )
+        lines.append(f"{str(level):<16} {row['weight']:>7.0f} {cells}")
+    return lines
+
+
 def _write_metrics(evaluation, path: Path) -> list[Path]:
     from cellpert._errors import CellpertInputError
 
@@ -98,6 +116,8 @@ def _write_metrics(evaluation, path: Path) -> list[Path]:
     tables = [(path, evaluation.per_perturbation)]
     if evaluation.summary is not None:
         tables.append((path.with_name(f"{path.stem}_summary{path.suffix}"), evaluation.summary))
+    if evaluation.per_level is not None:
+        tables.append((path.with_name(f"{path.stem}_per_level{path.suffix}"), evaluation.per_level))
     for target, table in tables:
         if suffix == ".csv":
             table.to_csv(target)
@@ -172,6 +192,18 @@ def evaluate_ate(
         Path | None, typer.Option("--out", "-o", help="Write a new h5ad instead of updating the screen in place.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the model ATE and IWELBO draws.")] = 0,
+    by: Annotated[
+        str | None,
+        typer.Option(
+            "--by",
+            help="ATEs within the levels of this obs column (cell line, batch), pooled over them; "
+            "default: the run's batch or first categorical covariate; 'none': off.",
+        ),
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option("--pool", help="Pool the levels weighted by their control cells (control) or equally (uniform)."),
+    ] = "control",
     perturbation_key: PerturbationKeyOpt = None,
     control: ControlOpt = None,
     layer: LayerOpt = None,
@@ -209,6 +241,8 @@ def evaluate_ate(
         raise CellpertInputError(f"--data-cells must be all or split, not {data_cells!r}.")
     if estimator not in ("counterfactual", "prior"):
         raise CellpertInputError(f"--estimator must be counterfactual or prior, not {estimator!r}.")
+    if pool not in ("control", "uniform"):
+        raise CellpertInputError(f"--pool must be control or uniform, not {pool!r}.")
     if n_draws < 2:
         raise CellpertInputError(f"--n-draws must be at least 2, not {n_draws}.")
     lib: str | float = library_size
@@ -248,8 +282,10 @@ def evaluate_ate(
         iwelbo_samples=iwelbo_samples,
         seed=seed,
         write=not no_write,
+        level_key=None if by is not None and by.lower() == "none" else (by or "auto"),
+        pool=pool,  # type: ignore[arg-type]
     )
-    for line in _summary_lines(evaluation, split):
+    for line in _summary_lines(evaluation, split) + _level_lines(evaluation):
         typer.echo(line)
     if report is not None:
         typer.echo(f"report -> {write_ate_report(evaluation, report, split=split)}")
@@ -261,5 +297,7 @@ def evaluate_ate(
             written += [f"varm/ate_{evaluation.key}{s}" for s in ("", "_lo", "_hi")]
         if evaluation.model_ate_calibrated is not None:
             written += [f"varm/ate_{evaluation.key}{s}" for s in ("_cal_lo", "_cal_hi")]
+        if evaluation.per_level is not None:
+            written.append(f"varm/ate_data_level_* and varm/ate_{evaluation.key}_level_* ({len(evaluation.per_level)} levels)")
         written.append(f"uns/cellpert/ate_metrics/{evaluation.key}")
         typer.echo(f"wrote {', '.join(written)} -> {evaluation.path}")

@@ -27,6 +27,14 @@ def inspect(
     layer: LayerOpt = None,
     dosage_key: DosageKeyOpt = None,
     subset: SubsetOpt = None,
+    covariate_keys: Annotated[
+        str | None,
+        typer.Option(
+            "--covariate-keys",
+            help="Comma-separated obs columns to report as covariates (default: columns named batch, "
+            "cell_type, donor, ... when present).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Summarise a screen: cells, genes, perturbations, controls, libraries, problems.
@@ -38,8 +46,16 @@ def inspect(
         cellpert inspect norman.h5ad --perturbation-key condition --control control --subset 'dataset == "norman19"'
 
         cellpert inspect cpa_format.h5ad --layer counts --json
+
+        cellpert inspect mcfaline.h5ad --covariate-keys cell_type
     """
-    from cellpert.data import load_screen, screen_description
+    from cellpert.data import (
+        as_list,
+        covariate_spread,
+        find_covariate_columns,
+        load_screen,
+        screen_description,
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CellpertWarning)  # reported below as problems
@@ -56,6 +72,12 @@ def inspect(
     desc["counts"] = "X" if layer is None else f"layers[{layer!r}]"
     desc["perturbation_key"] = screen.perturbation_key or f"obsm[{dosage_key!r}]"
     desc["problems"] = screen.problems()
+    keys = as_list(covariate_keys)
+    if keys is None:
+        keys = find_covariate_columns(screen.adata.obs, exclude=[screen.perturbation_key or ""])
+    desc["covariates"] = [covariate_spread(screen, k) for k in keys]
+    for cov in desc["covariates"]:
+        desc["problems"] += _covariate_problems(cov)
     if as_json:
         typer.echo(json.dumps(desc, indent=2, default=str))
         return
@@ -75,6 +97,38 @@ def inspect(
         "library size      " + ", ".join(f"q{int(k * 100)} {v:,.0f}" for k, v in q.items()),
         f"all-zero genes    {desc['all_zero_genes']}",
     ]
+    for cov in desc["covariates"]:
+        levels = ", ".join(f"{k} {v:,}" for k, v in list(cov["levels"].items())[:8])
+        more = f" (+{len(cov['levels']) - 8} more)" if len(cov["levels"]) > 8 else ""
+        lines.append(f"covariate         obs[{cov['key']!r}]: {len(cov['levels'])} levels: {levels}{more}")
+        lines.append(
+            f"                  a label's largest level holds a median {cov['max_share_median']:.0%} of its cells; "
+            f"{len(cov['labels_in_one_level'])} label(s) in one level only"
+        )
     lines.append("problems          " + ("none" if not desc["problems"] else ""))
     lines += [f"  - {p}" for p in desc["problems"]]
     typer.echo("\n".join(lines))
+
+
+def _covariate_problems(cov: dict) -> list[str]:
+    """Warnings about one covariate's spread (see :func:`cellpert.data.covariate_spread`)."""
+    key, out = cov["key"], []
+    if cov["missing"]:
+        out.append(f"obs[{key!r}] has {cov['missing']} cell(s) without a value; a model cannot use it as a covariate")
+    if cov["levels_without_control"]:
+        out.append(
+            f"obs[{key!r}] level(s) {', '.join(cov['levels_without_control'][:5])} have no control cells: "
+            "effects within them cannot be measured"
+        )
+    if cov["labels_in_one_level"]:
+        names = ", ".join(cov["labels_in_one_level"][:5])
+        out.append(
+            f"{len(cov['labels_in_one_level'])} label(s) seen in only one level of obs[{key!r}] (e.g. {names}): "
+            f"their effect cannot be told apart from that level's; train with --batch-key/--covariate-keys {key}"
+        )
+    elif cov["concentrated_labels"]:
+        out.append(
+            f"{len(cov['concentrated_labels'])} label(s) have over 80% of their cells in one level of obs[{key!r}]; "
+            f"a batch effect would look like their effect unless {key} is a covariate"
+        )
+    return out

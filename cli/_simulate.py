@@ -155,6 +155,19 @@ def sams(
     effect_sd: Annotated[
         float, typer.Option("--effect-sd", help="Standard deviation of the embedding magnitudes.")
     ] = _default(simulate_sams, "effect_sd"),
+    n_batches: Annotated[
+        int, typer.Option("--n-batches", help="Batches (obs['batch']); 1: none.")
+    ] = _default(simulate_sams, "n_batches"),
+    batch_effect: Annotated[
+        float, typer.Option("--batch-effect", help="Standard deviation of the per-batch shifts.")
+    ] = _default(simulate_sams, "batch_effect"),
+    batch_space: Annotated[
+        str, typer.Option("--batch-space", help="Where batches shift the cells: latent or gene.")
+    ] = _default(simulate_sams, "batch_space"),
+    batch_imbalance: Annotated[
+        float,
+        typer.Option("--batch-imbalance", help="0: perturbations spread evenly over batches; 1: each in one batch."),
+    ] = _default(simulate_sams, "batch_imbalance"),
     in_blocks: Annotated[
         bool,
         typer.Option(
@@ -170,30 +183,27 @@ def sams(
 
         cellpert simulate sams -o s.h5ad --seed 0 --n-combinations 20
 
+        cellpert simulate sams -o b.h5ad --n-batches 2 --batch-effect 1 --batch-imbalance 0.8
+
         cellpert simulate sams -o big.h5ad --n-perturbations 100 --n-cells-per-perturbation 8000 1000 1000 --n-genes 2000 --in-blocks
     """
-    if in_blocks:
-        import anndata as ad
-
-        path = simulate_sams(
-            seed=seed, n_perturbations=n_perturbations, n_latent=n_latent, mask_prob=mask_prob,
-            n_cells_per_perturbation=n_cells_per_perturbation, n_control_cells=n_control_cells,
-            n_combinations=n_combinations, n_genes=n_genes, library_size=library_size,
-            library_size_log_sd=library_size_log_sd, nb_theta=nb_theta,
-            decoder_hidden=tuple(decoder_hidden), effect_mean=effect_mean, effect_sd=effect_sd, out=out,
-        )  # fmt: skip
-        backed = ad.read_h5ad(path, backed="r")
-        typer.echo(f"simulated sams in blocks: {backed.n_obs:,} cells x {backed.n_vars:,} genes -> {path}")
-        backed.file.close()
-        return
-    adata = simulate_sams(
+    options = dict(
         seed=seed, n_perturbations=n_perturbations, n_latent=n_latent, mask_prob=mask_prob,
         n_cells_per_perturbation=n_cells_per_perturbation, n_control_cells=n_control_cells,
         n_combinations=n_combinations, n_genes=n_genes, library_size=library_size,
         library_size_log_sd=library_size_log_sd, nb_theta=nb_theta,
         decoder_hidden=tuple(decoder_hidden), effect_mean=effect_mean, effect_sd=effect_sd,
+        n_batches=n_batches, batch_effect=batch_effect, batch_space=batch_space, batch_imbalance=batch_imbalance,
     )  # fmt: skip
-    _write(adata, out)
+    if in_blocks:
+        import anndata as ad
+
+        path = simulate_sams(**options, out=out)
+        backed = ad.read_h5ad(path, backed="r")
+        typer.echo(f"simulated sams in blocks: {backed.n_obs:,} cells x {backed.n_vars:,} genes -> {path}")
+        backed.file.close()
+        return
+    _write(simulate_sams(**options), out)
 
 
 @simulate_app.command("comparative")

@@ -30,6 +30,7 @@ from cellpert.evaluate._identifiability import (
     match_latents,
     mcc,
 )
+from cellpert.evaluate._levels import level_values, level_weights, pool_frames, pooled_ate
 from cellpert.evaluate._model_ate import (
     ModelATE,
     calibrate_interval,
@@ -57,6 +58,8 @@ __all__ = [
     "ica_rotate",
     "interval_coverage",
     "label_splits",
+    "level_values",
+    "level_weights",
     "latent_shifts",
     "linear_r2",
     "mask_recovery",
@@ -65,6 +68,8 @@ __all__ = [
     "mean_baseline",
     "model_ate",
     "noise_ceiling",
+    "pool_frames",
+    "pooled_ate",
     "perturbseq_transform",
     "posterior_interval",
     "write_ate_report",

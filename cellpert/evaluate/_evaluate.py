@@ -62,6 +62,7 @@ from cellpert.evaluate._ate import (
     mean_baseline,
     noise_ceiling,
 )
+from cellpert.evaluate._levels import Pool, level_values, level_weights, pooled_ate
 from cellpert.evaluate._model_ate import (
     LibrarySize,
     ModelATE,
@@ -117,6 +118,9 @@ class AteEvaluation:
     """Evaluation settings, timings and the model's identity."""
     path: Path | None = None
     """The file written (set by :func:`evaluate_ate`)."""
+    per_level: pd.DataFrame | None = None
+    """With ``level_key``: level x [``weight``, ``n_control_cells``, ``<predictor>_<metric>``],
+    each predictor scored within each level against that level's target (the shown split)."""
 
     @property
     def predictors(self) -> list[str]:
@@ -179,15 +183,20 @@ def _split_values(screen: PerturbationScreen, model: Any, split: np.ndarray | st
     return None
 
 
+#: The data ATE of a boolean mask of cells (with standard errors on request): the plain
+#: :func:`cellpert.evaluate.data_ate`, or its pooled within-level version (``level_key``).
+AteOf = Any
+
+
 def _training_ate(
-    screen: PerturbationScreen, split_values: np.ndarray, chunk_rows: int
+    screen: PerturbationScreen, split_values: np.ndarray, ate_of: AteOf
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Data ATE of the training cells (the baselines' input) and the cells it used."""
     train = split_values == "train"
     if not (train & screen.is_control).any():
         logger.warning("no control cell in the training split; the baselines use all control cells")
         train = train | screen.is_control
-    return data_ate(screen, cells=train, chunk_rows=chunk_rows, standard_error=True), train
+    return ate_of(train, standard_error=True), train
 
 
 def _training_standard_errors(train_ate: pd.DataFrame, labels: list[str], screen: PerturbationScreen) -> pd.DataFrame:
@@ -227,15 +236,19 @@ def _target_cells(screen: PerturbationScreen, split_values: np.ndarray, s: str, 
 
 
 def _split_target(
-    screen: PerturbationScreen, split_values: np.ndarray, s: str, labels: list[str], chunk_rows: int
+    screen: PerturbationScreen, split_values: np.ndarray, s: str, labels: list[str], ate_of: AteOf
 ) -> pd.DataFrame:
     """Data ATE of the labels' split-s cells vs the split's control cells (see :func:`_target_cells`),
-    with its standard errors in ``attrs["standard_error"]``."""
+    with its standard errors in ``attrs["standard_error"]`` (and, by level, ``attrs["per_level"]``)."""
     cells, source = _target_cells(screen, split_values, s, labels)
-    full = data_ate(screen, cells=cells, chunk_rows=chunk_rows, standard_error=True)
+    full = ate_of(cells, standard_error=True)
     keep = [c for c in labels if c in full.columns]
     target = full[keep].copy()
     target.attrs = {**full.attrs, "standard_error": full.attrs["standard_error"][keep], "controls": source}
+    if "per_level" in full.attrs:
+        target.attrs["per_level"] = {
+            lvl: f[[c for c in keep if c in f.columns]] for lvl, f in full.attrs["per_level"].items()
+        }
     return target
 
 
@@ -252,17 +265,23 @@ def _basal_cells(screen: PerturbationScreen, split_values: np.ndarray | None) ->
 def _predict(
     screen: PerturbationScreen, model: Any, labels: list[str], split_values: np.ndarray | None, *,
     estimator: Estimator, n_particles: int, n_groups: int, n_draws: int, library_size: LibrarySize | float,
-    seed: int,
+    seed: int, levels: np.ndarray | None = None, weights: pd.Series | None = None,
 ) -> ModelATE:  # fmt: skip
     """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`)."""
     if estimator == "counterfactual" and not hasattr(model, "get_counterfactual_effects"):
         logger.warning("%s has no counterfactual estimator; using the prior estimator", type(model).__name__)
         estimator = "prior"
     if estimator == "counterfactual":
+        cells = _basal_cells(screen, split_values)
         return counterfactual_ate(
-            model, labels, control=screen.control_labels, cells=_basal_cells(screen, split_values),
-            n_draws=n_draws, seed=seed, gene_names=screen.gene_names,
+            model, labels, control=screen.control_labels, cells=cells, n_draws=n_draws, seed=seed,
+            gene_names=screen.gene_names, cell_levels=None if levels is None else levels[cells], weights=weights,
         )  # fmt: skip
+    if levels is not None:
+        raise CellpertInputError(
+            "ATEs by level need the counterfactual estimator (it keeps each control cell's level); "
+            "use estimator='counterfactual'."
+        )
     pred = model_ate(
         model, labels, control=screen.control_labels, n_particles=n_particles, n_groups=n_groups,
         library_size=library_size, control_library_sizes=screen.library_size[screen.is_control],
@@ -273,14 +292,19 @@ def _predict(
 
 
 def _training_baselines(
-    screen: PerturbationScreen, split_values: np.ndarray | None, labels: list[str], chunk_rows: int
+    screen: PerturbationScreen, split_values: np.ndarray | None, labels: list[str], ate_of: AteOf
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None, np.ndarray | None]:
     """The ``additive``, ``mean`` and ``average`` baselines from the training cells' data
     ATE (empty without a training split), that ATE and the cells it used."""
     if split_values is None or not (split_values == "train").any():
         logger.warning("no training split: the additive and mean baselines are not computed")
         return {}, None, None
-    train_ate, train_cells = _training_ate(screen, split_values, chunk_rows)
+    train_ate, train_cells = _training_ate(screen, split_values, ate_of)
+    return _baselines_from(train_ate, labels, screen), train_ate, train_cells
+
+
+def _baselines_from(train_ate: pd.DataFrame, labels: list[str], screen: PerturbationScreen) -> dict[str, pd.DataFrame]:
+    """The ``additive``, ``mean`` and ``average`` baselines from a training-cell data ATE."""
     baselines: dict[str, pd.DataFrame] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CellpertWarning)
@@ -294,7 +318,42 @@ def _training_baselines(
     seen = [c for c in labels if c in train_ate.columns]
     average[seen] = train_ate[seen].to_numpy()
     baselines["average"] = average
-    return baselines, train_ate, train_cells
+    return baselines
+
+
+def _per_level_summary(
+    screen: PerturbationScreen, target: pd.DataFrame, pred: ModelATE, train_ate: pd.DataFrame | None,
+    weights: pd.Series, top_n: int,
+) -> pd.DataFrame:  # fmt: skip
+    """level x [``weight``, ``n_control_cells``, ``<predictor>_<metric>``]: every predictor
+    within each level against that level's held-out target."""
+    rows = []
+    per_target = target.attrs.get("per_level", {})
+    per_train = train_ate.attrs.get("per_level", {}) if train_ate is not None else {}
+    for lvl in weights.index:
+        row: dict[str, Any] = {"level": str(lvl), "weight": float(weights[lvl])}
+        tgt = per_target.get(str(lvl))
+        if tgt is None or tgt.shape[1] == 0:
+            rows.append(row)
+            continue
+        row["n_control_cells"] = float(tgt.attrs.get("n_control_cells", np.nan))
+        labels = list(tgt.columns)
+        predictions: dict[str, pd.DataFrame] = {}
+        if str(lvl) in pred.per_level:
+            predictions["model"] = pred.per_level[str(lvl)].ate
+        if str(lvl) in per_train:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CellpertWarning)
+                predictions.update(_baselines_from(per_train[str(lvl)], labels, screen))
+        for name, frame in predictions.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CellpertWarning)
+                _, values = ate_metrics(tgt, frame[[c for c in labels if c in frame.columns]], top_n=top_n)
+            for m in METRIC_NAMES:
+                row[f"{name}_{m}"] = values[m]
+            row[f"{name}_n_perturbations"] = values["n_perturbations"]
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("level")
 
 
 def _summary(
@@ -364,6 +423,8 @@ def compute_ate_evaluation(
     ceiling: bool = True,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    level_key: str | None = None,
+    pool: Pool = "control",
 ) -> AteEvaluation:
     """Data ATE, model ATE, baselines, metrics per split, noise ceiling and IWELBO, in memory.
 
@@ -418,6 +479,14 @@ def compute_ate_evaluation(
         Seeds the model ATE, the IWELBO and the half splits of the ceiling.
     chunk_rows
         Rows per streamed chunk of the data ATE.
+    level_key
+        obs column of a covariate (e.g. the cell line or batch; docs/models.md,
+        *Covariates*): every data ATE (targets, baselines) is computed within its levels
+        and pooled, the model's ATE likewise (counterfactual estimator, each level's own
+        control cells), and ``per_level`` scores every predictor within each level.
+    pool
+        How levels are pooled: ``"control"`` (weights = the levels' control cells) or
+        ``"uniform"``.
 
     Returns
     -------
@@ -429,8 +498,23 @@ def compute_ate_evaluation(
     if estimator not in ("counterfactual", "prior"):
         raise CellpertInputError(f"estimator must be 'counterfactual' or 'prior', not {estimator!r}.")
     timings: dict[str, float] = {}
+    levels = weights = None
+    if level_key is not None:
+        levels = level_values(screen.adata.obs, level_key)
+        weights = level_weights(levels, screen.is_control, pool)
+
+    def ate_of(cells: np.ndarray | None = None, *, standard_error: bool = False) -> pd.DataFrame:
+        """The data ATE of a mask of cells (all cells: None), pooled within levels with ``level_key``."""
+        if levels is None:
+            return data_ate(screen, cells=cells, chunk_rows=chunk_rows, standard_error=standard_error)
+        mask = np.ones(screen.n_cells, dtype=bool) if cells is None else np.asarray(cells, dtype=bool)
+        return pooled_ate(
+            lambda m: data_ate(screen, cells=m, chunk_rows=chunk_rows, standard_error=standard_error),
+            levels=levels, weights=weights, cells=mask, is_control=screen.is_control,
+        )  # fmt: skip
+
     t0 = time.perf_counter()
-    ate_all = data_ate(screen, chunk_rows=chunk_rows)
+    ate_all = ate_of()
     timings["data_ate_s"] = time.perf_counter() - t0
     labels = list(ate_all.columns)
     split_values = _split_values(screen, model, split)
@@ -443,7 +527,7 @@ def compute_ate_evaluation(
         for s in EVAL_SPLITS:
             chosen = [c for c in labels if bool(splits.loc[c, s])]
             if chosen:
-                targets[s] = _split_target(screen, split_values, s, chosen, chunk_rows)
+                targets[s] = _split_target(screen, split_values, s, chosen, ate_of)
     target_shown = targets.get(shown, ate_all) if held_out else ate_all
     per = pd.DataFrame(
         {
@@ -471,6 +555,12 @@ def compute_ate_evaluation(
         "n_target_control_cells": int(target_shown.attrs["n_control_cells"]),
         "data_ate": target_text,
     }
+    if level_key is not None:
+        config["level_key"] = level_key
+        config["pool"] = pool
+        config["level_weights"] = {str(k): float(v) for k, v in weights.items()}
+        config["target"] = target_text = f"{target_text}, within each level of obs[{level_key!r}], pooled ({pool} weights)"
+        config["data_ate"] = target_text
     if model is None:
         config["timings"] = timings
         return AteEvaluation(
@@ -481,14 +571,14 @@ def compute_ate_evaluation(
     t0 = time.perf_counter()
     pred = _predict(
         screen, model, labels, split_values, estimator=estimator, n_particles=n_particles,
-        n_groups=n_groups, n_draws=n_draws, library_size=library_size, seed=seed,
+        n_groups=n_groups, n_draws=n_draws, library_size=library_size, seed=seed, levels=levels, weights=weights,
     )  # fmt: skip
     timings["model_ate_s"] = time.perf_counter() - t0
     config.update({f"model_ate_{k}": v for k, v in pred.config.items()})
     predictions: dict[str, pd.DataFrame] = {"model": pred.ate}
 
     # --- baselines from the training cells' data ATE
-    baselines, train_ate, train_cells = _training_baselines(screen, split_values, labels, chunk_rows)
+    baselines, train_ate, train_cells = _training_baselines(screen, split_values, labels, ate_of)
     if train_ate is not None:
         config["n_training_labels"] = int(train_ate.shape[1])
     predictions.update(baselines)
@@ -504,6 +594,9 @@ def compute_ate_evaluation(
 
     # --- summary: metric x split
     summary = _summary(predictions, splits, labels, targets if held_out else None, ate_all, top_n)
+    per_level = None
+    if weights is not None:
+        per_level = _per_level_summary(screen, target_shown, pred, train_ate, weights, top_n)
 
     # --- noise ceiling of the shown target, and what the training-cell average should reach
     if ceiling and held_out and shown in targets:
@@ -551,6 +644,7 @@ def compute_ate_evaluation(
         baselines=baselines,
         iwelbo=iwelbo,
         config=config,
+        per_level=per_level,
     )
 
 
@@ -581,7 +675,11 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
     ``varm["ate_<key>_cal_lo"]``, ``varm["ate_<key>_cal_hi"]``
         The interval recalibrated on the validation cells
         (:func:`cellpert.evaluate.calibrate_interval`; only with validation cells).
+    ``varm["ate_data_level_<level>"]``, ``varm["ate_<key>_level_<level>"]``
+        With ``level_key``: the data ATE and the model's ATE within each level (the
+        unsuffixed keys then hold the pooled ATEs).
     ``uns["cellpert"]["ate_metrics"][<key>]``
+        ``per_level`` (with ``level_key``: :attr:`AteEvaluation.per_level`),
         ``per_perturbation`` (label x [``split``, ``n_cells``,
         ``<predictor>_<metric>``] DataFrame), ``summary`` (metric x split DataFrame; only
         with a model), ``config`` (the evaluation settings and timings) and, with a
@@ -609,6 +707,15 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
             name = f"ate_{evaluation.key}{suffix}"
             adata.varm[name] = _varm_frame(frame, adata.var_names)
             written.append(f"varm/{name}")
+    for lvl, frame in evaluation.data_ate.attrs.get("per_level", {}).items():
+        name = f"ate_data_level_{lvl}"
+        adata.varm[name] = _varm_frame(frame, adata.var_names)
+        written.append(f"varm/{name}")
+    if evaluation.model_ate is not None:
+        for lvl, level_ate in evaluation.model_ate.per_level.items():
+            name = f"ate_{evaluation.key}_level_{lvl}"
+            adata.varm[name] = _varm_frame(level_ate.ate, adata.var_names)
+            written.append(f"varm/{name}")
     uns = adata.uns.setdefault(UNS_KEY, {})
     metrics = uns.setdefault(METRICS_UNS_KEY, {})
     config = {k: v for k, v in evaluation.config.items() if k != "identity"}
@@ -617,6 +724,8 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
     entry: dict[str, Any] = {"per_perturbation": per, "config": to_uns(config)}
     if evaluation.summary is not None:
         entry["summary"] = evaluation.summary.copy()
+    if evaluation.per_level is not None:
+        entry["per_level"] = evaluation.per_level.copy()
     if evaluation.config.get("identity"):
         entry["model"] = to_uns(evaluation.config["identity"])
     metrics[evaluation.key] = entry

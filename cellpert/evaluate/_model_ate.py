@@ -51,6 +51,9 @@ class ModelATE:
     """Upper end of the per-gene interval."""
     config: dict[str, Any] = field(default_factory=dict)
     """How it was computed (particles, groups, library size, seed, ...)."""
+    per_level: dict[str, ModelATE] = field(default_factory=dict)
+    """The ATE within each level of a covariate (counterfactual estimator with
+    ``cell_levels``; empty otherwise); ``ate`` then pools them."""
 
 
 def _group_seeds(seed: int, n: int) -> list[int]:
@@ -315,6 +318,8 @@ def counterfactual_ate(
     interval: float = 0.9,
     seed: int = 0,
     gene_names: Sequence[str] | pd.Index | None = None,
+    cell_levels: Sequence[str] | None = None,
+    weights: pd.Series | None = None,
 ) -> ModelATE:
     """Counterfactual model ATE on real control cells, with a posterior interval.
 
@@ -356,6 +361,13 @@ def counterfactual_ate(
         Seeds every draw.
     gene_names
         Index of the results.
+    cell_levels, weights
+        By level of a covariate (docs/models.md, *Covariates*): the level of each of
+        ``cells`` and the weight of each level (:func:`cellpert.evaluate.level_weights`).
+        The ATE within level ℓ uses ℓ's control cells (each keeps its own covariates);
+        ``ate`` is the weighted mean over levels, computed per draw of the global latents
+        (the draws are the same in every level), so the interval is that of the pooled
+        effect. Per-level results are in ``per_level``.
 
     Returns
     -------
@@ -373,15 +385,54 @@ def counterfactual_ate(
             f"{type(model).__name__} has no counterfactual estimator; use estimator='prior'."
         )
     dosage = np.asarray(model.dosage_from_labels(labels, control=controls), dtype=np.float32)
-    out = model.get_counterfactual_effects(
-        dosage, indices=np.asarray(cells, dtype=np.int64), n_draws=int(n_draws),
-        transform=transform, basal=basal, seed=seed,
-    )  # fmt: skip
-    draws = np.swapaxes(out["effects"], 1, 2)  # (P, G, R)
-    mc_var = np.swapaxes(out["mc_var"], 1, 2)
-    ate, lo, hi = posterior_interval(draws, mc_var, interval=interval)
-    index = pd.Index(gene_names if gene_names is not None else np.arange(ate.shape[0]), name="gene")
+    cells = np.asarray(cells, dtype=np.int64)
+
+    def effects(indices: np.ndarray) -> dict[str, Any]:
+        # the same seed in every level: the same draws of the global latents
+        return model.get_counterfactual_effects(
+            dosage, indices=indices, n_draws=int(n_draws), transform=transform, basal=basal, seed=seed,
+        )  # fmt: skip
+
     columns = pd.Index(labels, name="label")
+
+    def frames(out: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        draws = np.swapaxes(out["effects"], 1, 2)  # (P, G, R)
+        return posterior_interval(draws, np.swapaxes(out["mc_var"], 1, 2), interval=interval)
+
+    per_level: dict[str, ModelATE] = {}
+    if cell_levels is None:
+        out = effects(cells)
+    else:
+        cell_levels = np.asarray(cell_levels, dtype=object).astype(str)
+        if cell_levels.shape != cells.shape:
+            raise CellpertInputError(f"cell_levels has {cell_levels.size} values for {cells.size} cells.")
+        if weights is None:
+            raise CellpertInputError("cell_levels needs the level weights (cellpert.evaluate.level_weights).")
+        outs = {
+            str(lvl): effects(cells[cell_levels == lvl])
+            for lvl in weights.index[weights > 0]
+            if (cell_levels == lvl).any()
+        }
+        if not outs:
+            raise CellpertInputError("no level with a positive weight has control cells to build counterfactuals on.")
+        w = np.array([float(weights[lvl]) for lvl in outs])
+        w_sum = w.sum()
+        out = {
+            "effects": sum(wi * o["effects"] for wi, o in zip(w, outs.values(), strict=True)) / w_sum,
+            "mc_var": sum(wi**2 * o["mc_var"] for wi, o in zip(w, outs.values(), strict=True)) / w_sum**2,
+            "n_cells": int(sum(o["n_cells"] for o in outs.values())),
+        }
+        for lvl, o in outs.items():
+            a, lo_, hi_ = frames(o)
+            idx = pd.Index(gene_names if gene_names is not None else np.arange(a.shape[0]), name="gene")
+            per_level[lvl] = ModelATE(
+                ate=pd.DataFrame(a, index=idx, columns=columns),
+                lo=pd.DataFrame(lo_, index=idx, columns=columns),
+                hi=pd.DataFrame(hi_, index=idx, columns=columns),
+                config={"n_basal_cells": int(o["n_cells"]), "weight": float(weights[lvl])},
+            )
+    ate, lo, hi = frames(out)
+    index = pd.Index(gene_names if gene_names is not None else np.arange(ate.shape[0]), name="gene")
     config = {
         "estimator": "counterfactual",
         "n_draws": int(n_draws),
@@ -394,12 +445,15 @@ def counterfactual_ate(
         "interval_kind": "posterior interval over draws of the global latents (E, M)",
         "seed": int(seed),
     }
+    if per_level:
+        config["levels"] = {lvl: m.config for lvl, m in per_level.items()}
     logger.info("counterfactual ATE of %d labels on %d control cells, %d global draws", len(labels), out["n_cells"], n_draws)
     return ModelATE(
         ate=pd.DataFrame(ate, index=index, columns=columns),
         lo=pd.DataFrame(lo, index=index, columns=columns),
         hi=pd.DataFrame(hi, index=index, columns=columns),
         config=config,
+        per_level=per_level,
     )
 
 
@@ -417,7 +471,9 @@ def calibrate_interval(
     ``c · b / z``, with ``b = √(h² + (z · base_se)²)`` (h the interval's half-width, z the
     Normal quantile of the level, ``base_se`` e.g. the standard error of the training
     cells' ATE, the sampling noise the model learned each effect from; without it, or
-    where it is missing, ``b = h``, and a constant when every width is 0). On the SAMS
+    where it is missing, ``b = h``, and a constant when every width is 0; widths are
+    floored at the 10th percentile of the positive ones, since a zero width cannot be
+    scaled into coverage). On the SAMS
     simulator the posterior width alone puts the error in the wrong places (recalibrated
     coverage of the truth 0.58–0.64); with the training standard errors 0.87–0.88. The held-out data ATE is the truth plus its own noise
     of standard error ``se``, so ``|target − ate| ≤ z √((c h / z)² + se²)`` should hold
@@ -455,9 +511,16 @@ def calibrate_interval(
         half_frame = np.sqrt(half_frame**2 + extra**2)
     half_all = half_frame.to_numpy()
     half = half_frame.loc[genes, labels].to_numpy()
-    constant = not (half_all > 0).any()
+    positive = half_all[np.isfinite(half_all) & (half_all > 0)]
+    constant = positive.size == 0
     if constant:
         half, half_all = np.ones_like(half), np.ones_like(half_all)
+    else:
+        # a zero width (a gene never expressed in a label's training cells, a posterior
+        # with no spread) cannot be scaled into coverage: floor the widths at the 10th
+        # percentile of the positive ones (the factor below then scales them all)
+        floor = float(np.quantile(positive, 0.1))
+        half, half_all = np.maximum(np.nan_to_num(half), floor), np.maximum(np.nan_to_num(half_all), floor)
     err = np.abs(target.loc[genes, labels].to_numpy() - ate)
     se = target_se.loc[genes, labels].to_numpy()
 

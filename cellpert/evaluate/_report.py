@@ -156,7 +156,8 @@ def _notes(evaluation: AteEvaluation) -> str:
         items.append(
             f"The model's 90% intervals cover {cal['coverage_before']:.0%} of the validation cells' ATE (their noise "
             f"accounted for): {verdict}. Recalibrated intervals (posterior half-width and the training "
-            f"cells' standard error combined, scaled by {cal['factor']:.2f}) cover 90% (varm ..._cal_lo / _cal_hi)."
+            f"cells' standard error combined, scaled by {cal['factor']:.2f}) cover {cal['coverage_after']:.0%} "
+            "(varm ..._cal_lo / _cal_hi)."
         )
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 

@@ -20,10 +20,12 @@ import torch
 from anndata import AnnData
 
 from cellpert._errors import CellpertInputError
-from cellpert.data import is_control_spelling, split_label
+from cellpert.data import as_list, is_control_spelling, split_label
 
 __all__ = [
     "CounterfactualMixin",
+    "CovariateMixin",
+    "check_covariates",
     "DosageLabelsMixin",
     "LikelihoodMixin",
     "SplitMixin",
@@ -73,6 +75,43 @@ def module_kwargs(init_locals: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in init_locals.items() if k not in {"self", "adata", "seed", "__class__"}}
 
 
+def check_covariates(
+    adata: AnnData,
+    *,
+    batch_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
+) -> None:
+    """One-line errors for covariate columns a model cannot use.
+
+    Every column must exist in ``obs``; a categorical one (the batch included) must have
+    no missing value; a continuous one must be numeric and finite.
+    """
+    for key in [batch_key, *(categorical_covariate_keys or [])]:
+        if key is None:
+            continue
+        if key not in adata.obs:
+            raise CellpertInputError(f"obs has no covariate column {key!r}; pass an existing obs column.")
+        missing = int(pd.isna(adata.obs[key]).sum())
+        if missing:
+            raise CellpertInputError(
+                f"obs[{key!r}] has {missing} cell(s) without a value; fill them (e.g. 'unknown') or drop those cells."
+            )
+    for key in continuous_covariate_keys or []:
+        if key not in adata.obs:
+            raise CellpertInputError(f"obs has no covariate column {key!r}; pass an existing obs column.")
+        values = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise CellpertInputError(
+                f"continuous covariate obs[{key!r}] has {bad} missing, non-numeric or infinite value(s); "
+                "fill or drop those cells, or pass it as a categorical covariate."
+            )
+    keys = [k for k in [batch_key, *(categorical_covariate_keys or []), *(continuous_covariate_keys or [])] if k]
+    if len(set(keys)) != len(keys):
+        raise CellpertInputError(f"a covariate column is given twice ({', '.join(keys)}); give each once.")
+
+
 def register_screen_fields(
     cls: type,
     adata: AnnData,
@@ -82,18 +121,30 @@ def register_screen_fields(
     split_key: str | None,
     fields: Sequence[Any],
     setup_method_args: dict[str, Any],
+    batch_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> None:
     """What every family's ``setup_anndata`` does after its own checks.
 
-    Checks the split column, writes ``adata.obs[library_size_key]`` (the observed library
-    size ℓ_i, float32) when it is missing, and registers the counts (``layer``, raw
-    counts), the family's own ``fields`` and the library size with an
+    Checks the split column and the covariates (:func:`check_covariates`), writes
+    ``adata.obs[library_size_key]`` (the observed library size ℓ_i, float32) when it is
+    missing, and registers the counts (``layer``, raw counts), the family's own
+    ``fields``, the library size and the covariates (scvi-tools' ``batch_key``,
+    ``categorical_covariate_keys``, ``continuous_covariate_keys`` fields; each only when
+    given, so a model without covariates has the registry it always had) with an
     :class:`~scvi.data.AnnDataManager`.
     """
     from scvi import REGISTRY_KEYS
     from scvi.data import AnnDataManager
-    from scvi.data.fields import LayerField, NumericalObsField
+    from scvi.data.fields import (
+        CategoricalJointObsField,
+        CategoricalObsField,
+        LayerField,
+        NumericalJointObsField,
+        NumericalObsField,
+    )
 
     from cellpert.models._keys import LIBRARY_KEY
 
@@ -102,6 +153,14 @@ def register_screen_fields(
             f"obs has no split column {split_key!r}; make one with cellpert.data.make_split or "
             "pass split_key=None to train on every cell."
         )
+    # one column or a comma-separated string (command line, config file) -> list
+    categorical_covariate_keys = as_list(categorical_covariate_keys) or None
+    continuous_covariate_keys = as_list(continuous_covariate_keys) or None
+    if "source_registry" not in kwargs:  # a new setup (a saved model checks its levels in load)
+        check_covariates(
+            adata, batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )  # fmt: skip
     if library_size_key not in adata.obs:
         counts = adata.X if layer is None else adata.layers[layer]
         adata.obs[library_size_key] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
@@ -110,9 +169,80 @@ def register_screen_fields(
         *fields,
         NumericalObsField(LIBRARY_KEY, library_size_key),
     ]
+    if batch_key is not None:
+        anndata_fields.append(CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key))
+    if categorical_covariate_keys:
+        anndata_fields.append(CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, list(categorical_covariate_keys)))
+    if continuous_covariate_keys:
+        anndata_fields.append(NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, list(continuous_covariate_keys)))
     adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
     adata_manager.register_fields(adata, **kwargs)
     cls.register_manager(adata_manager)
+
+
+class CovariateMixin:
+    """Covariates of a :class:`~scvi.model.base.BaseModelClass` subclass set up with
+    :func:`register_screen_fields`: their sizes for the module, their levels, and a
+    ``load`` that refuses, in one line, a screen whose levels the model never saw."""
+
+    @property
+    def covariate_sizes(self) -> dict[str, Any]:
+        """``n_batch``, ``n_cats_per_cov`` and ``n_continuous_cov`` (0 / [] when absent)."""
+        from scvi import REGISTRY_KEYS
+
+        fields = self.adata_manager.data_registry
+        out: dict[str, Any] = {"n_batch": 0, "n_cats_per_cov": [], "n_continuous_cov": 0}
+        if REGISTRY_KEYS.BATCH_KEY in fields:
+            out["n_batch"] = int(self.summary_stats.n_batch)
+        if REGISTRY_KEYS.CAT_COVS_KEY in fields:
+            state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY)
+            out["n_cats_per_cov"] = [int(n) for n in state["n_cats_per_key"]]
+        if REGISTRY_KEYS.CONT_COVS_KEY in fields:
+            state = self.adata_manager.get_state_registry(REGISTRY_KEYS.CONT_COVS_KEY)
+            out["n_continuous_cov"] = len(state["columns"])
+        return out
+
+    @property
+    def covariate_levels(self) -> dict[str, list[str]]:
+        """The levels of each categorical covariate (the batch included), by obs column."""
+        return _registry_levels(self.adata_manager.registry)
+
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, *args: Any, **kwargs: Any):
+        """scvi-tools' ``load``, after checking that ``adata``'s covariate levels are the model's."""
+        if adata is not None:
+            registry = cls.load_registry(dir_path)
+            for key, levels in _registry_levels(registry).items():
+                if key not in adata.obs:
+                    raise CellpertInputError(
+                        f"the model was trained with covariate obs[{key!r}], which this screen lacks; "
+                        "use a screen with that column."
+                    )
+                check_covariates(adata, categorical_covariate_keys=[key])
+                unseen = sorted(set(adata.obs[key].astype(str)) - set(levels))
+                if unseen:
+                    raise CellpertInputError(
+                        f"obs[{key!r}] has level(s) {', '.join(unseen[:3])} the model was not trained on "
+                        f"(its levels: {', '.join(levels[:6])}); keep only cells of those levels or train on them."
+                    )
+            for key in (registry.get("setup_args") or {}).get("continuous_covariate_keys") or []:
+                check_covariates(adata, continuous_covariate_keys=[key])
+        return super().load(dir_path, adata, *args, **kwargs)
+
+
+def _registry_levels(registry: dict[str, Any]) -> dict[str, list[str]]:
+    """obs column -> levels of the categorical covariates recorded in an scvi-tools registry."""
+    from scvi import REGISTRY_KEYS
+
+    fields = registry.get("field_registries", {})
+    out: dict[str, list[str]] = {}
+    batch = fields.get(REGISTRY_KEYS.BATCH_KEY, {}).get("state_registry", {})
+    if batch and registry.get("setup_args", {}).get("batch_key"):
+        out[str(batch["original_key"])] = [str(v) for v in batch["categorical_mapping"]]
+    cats = fields.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
+    for key, levels in (cats.get("mappings") or {}).items():
+        out[str(key)] = [str(v) for v in levels]
+    return out
 
 
 class SplitMixin:
@@ -339,6 +469,10 @@ class LikelihoodMixin:
 class CounterfactualMixin:
     """Counterfactual effects on real control cells, for the ATE protocol of cellpert.
 
+    Each control cell keeps its own library size and covariates (``module.side_inputs``:
+    ``covariates`` passed to ``counterfactual_rho``, ``batch_index`` to ``nb_theta_of``),
+    so the effect is averaged over the control cells' covariate levels.
+
     Hooks a model provides: ``_encode_basal(tensors, sample) -> (B, K)`` (the latent of
     control cells with no perturbation), ``_global_effect_draws(P) -> (P, T, K)`` latent
     shifts of the perturbations under P draws of the global latents (None when the model
@@ -394,11 +528,17 @@ class CounterfactualMixin:
         with seeded(seed):
             # the global draws first: the data loader below also draws from torch's RNG
             effect = self._global_effect_draws(n_draws)
-            states, libraries = [], []
+            states, libraries, covs, batches = [], [], [], []
             for t in self._eval_batches(None, idx, None):
                 states.append(self._encode_basal(t, basal == "sample"))
                 libraries.append(t["library_size"].reshape(-1))
+                side = self._side_inputs(t)
+                covs.append(side.get("covariates"))
+                batches.append(side.get("batch_index"))
             zb, lib = torch.cat(states), torch.cat(libraries)
+            # each cell keeps its own covariates (and its batch's θ) under every row
+            cov = torch.cat(covs) if covs and covs[0] is not None else None
+            batch = torch.cat(batches) if batches and batches[0] is not None else None
             n_cells = zb.shape[0]
             # each draw of the globals uses its own group of at most cells_per_draw cells
             # (a random partition of the cells, cycled), so that the cost is bounded
@@ -414,8 +554,10 @@ class CounterfactualMixin:
                 step = int(max(1, max_elements // per_cell))
                 for c0 in range(0, len(cells), step):
                     c = cells[c0 : c0 + step]
-                    rho = self.module.counterfactual_rho(zb[c], rows, None if effect is None else effect[p : p + 1])
-                    s, sq = counterfactual_effect_sums(rho, lib[c], theta, transform=transform)
+                    extra = {} if cov is None else {"covariates": cov[c]}
+                    rho = self.module.counterfactual_rho(zb[c], rows, None if effect is None else effect[p : p + 1], **extra)
+                    cell_theta = theta if batch is None else self.module.nb_theta_of(batch[c])
+                    s, sq = counterfactual_effect_sums(rho, lib[c], cell_theta, transform=transform)
                     total[p] += s[0]
                     total_sq[p] += sq[0]
                 used[p] = len(cells)
@@ -423,3 +565,8 @@ class CounterfactualMixin:
         mean = total / used
         var = (total_sq / used - mean**2).clamp(min=0.0) * used / (used - 1).clamp(min=1)
         return {"effects": mean.cpu().numpy(), "mc_var": (var / used).cpu().numpy(), "n_cells": n_cells}
+
+    def _side_inputs(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """A minibatch's covariates and batch codes (empty for a module without them)."""
+        side = getattr(self.module, "side_inputs", None)
+        return side(tensors) if side is not None else {}

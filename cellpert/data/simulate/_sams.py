@@ -55,6 +55,10 @@ def simulate_sams(
     decoder_hidden: Sequence[int] = (50, 50, 50, 50),
     effect_mean: float = 5.0,
     effect_sd: float = 0.5,
+    n_batches: int = 1,
+    batch_effect: float = 0.0,
+    batch_space: str = "latent",
+    batch_imbalance: float = 0.0,
     out: str | os.PathLike | None = None,
 ) -> ad.AnnData | Path:
     """Simulate a screen with sparse additive mechanism shifts, as in the SAMS-VAE paper.
@@ -75,6 +79,19 @@ def simulate_sams(
     5. library size ℓ_i ~ LogNormal(log ``library_size``, ``library_size_log_sd``²) and
        x_ig ~ NB(ℓ_i · softmax_g(logits_i), θ = ``nb_theta``). (The paper's continuous
        version adds Gaussian noise instead; this is the count version.)
+
+    Batches (option, ``n_batches > 1``; docs/models.md, *Covariates*): each cell gets a
+    batch ``b_i`` (``obs['batch']``, ``"b0"``, ``"b1"``…). Control cells are spread
+    uniformly; the cells of perturbation group g (singles then combinations, in order)
+    go to batch ``g mod n_batches`` with probability ``1/B + batch_imbalance (1 - 1/B)``
+    and to the others uniformly, so ``batch_imbalance`` = 0 spreads every perturbation
+    evenly and 1 puts each in one batch. Batch b shifts the cells by β_b ~
+    N(0, ``batch_effect``² I): in the latent space (``batch_space="latent"``, the decoder
+    sees ``z_i + β_{b_i}``) or in gene space (``"gene"``, ``logits_i + β_{b_i}``, one
+    shift per gene). A perturbation's effect then differs between batches, and its naive
+    data ATE (all its cells against all control cells) mixes in the batch shift; the
+    true ATE (:func:`sams_true_ate`) pools the batches as the control cells do
+    (uniformly), or is taken within one batch.
 
     Combinations: ``n_combinations`` distinct unordered pairs of distinct perturbations,
     drawn uniformly, labelled ``"P003+P045"`` (lower index first). Cells are grouped:
@@ -111,6 +128,10 @@ def simulate_sams(
         Widths of the decoder's hidden layers.
     effect_mean, effect_sd
         Mean and standard deviation of the embedding magnitudes.
+    n_batches, batch_effect, batch_space, batch_imbalance
+        Batches (see above): their number, the standard deviation of their shifts,
+        ``"latent"`` or ``"gene"``, and how unevenly perturbations spread over them
+        (in [0, 1]).
     out
         Write the screen to this ``.h5ad`` file in row blocks instead of returning it,
         so that the count matrix is never in memory at once (per-cell latents, labels
@@ -126,13 +147,15 @@ def simulate_sams(
     - ``obs['perturbation']``: ``"control"``, ``"P000"``…, ``"P003+P045"``… (categorical);
     - ``obs['cellpert_split']``: train / val / test in the given numbers per label;
     - ``obs['true_library_size']``: ℓ_i;
+    - ``obs['batch']``: the batch (with ``n_batches > 1``);
     - ``obsm['X_true_latent']``: z (cells x K, float32);
     - ``obsm['X_true_basal']``: z^b (cells x K, float32);
     - ``uns['cellpert']['screen']``: perturbation key and control label;
     - ``uns['cellpert']['ground_truth']``: ``simulator`` (``"sams"``), ``seed``, ``params``,
       ``perturbation_names`` (T), ``effects`` (E, T x K float64), ``mask`` (T x K int8),
       ``shift`` (mask ⊙ E, T x K float64), ``combinations`` (labels, C),
-      ``combination_parts`` (C x 2 int64 row indices into ``perturbation_names``) and
+      ``combination_parts`` (C x 2 int64 row indices into ``perturbation_names``),
+      ``batch_shift`` (B x K or B x G, with batches), ``batch_space`` and
       ``decoder`` (``W0``…, ``negative_slope``, ``center``, ``scale``).
 
     Raises
@@ -147,7 +170,8 @@ def simulate_sams(
         n_combinations=n_combinations, n_genes=n_genes, library_size=library_size,
         library_size_log_sd=library_size_log_sd, nb_theta=nb_theta,
         decoder_hidden=tuple(np.atleast_1d(decoder_hidden).tolist()), effect_mean=effect_mean,
-        effect_sd=effect_sd,
+        effect_sd=effect_sd, n_batches=n_batches, batch_effect=batch_effect, batch_space=batch_space,
+        batch_imbalance=batch_imbalance,
     )  # fmt: skip
     n_pert = check_int("n_perturbations", n_perturbations, minimum=1)
     n_latent = check_int("n_latent", n_latent, minimum=1)
@@ -165,7 +189,15 @@ def simulate_sams(
     hidden = [check_int("decoder_hidden", h, minimum=1) for h in np.atleast_1d(decoder_hidden)]
     if not hidden:
         raise CellpertInputError("decoder_hidden (--decoder-hidden) needs at least one layer width, e.g. 50.")
-    rng_effects, rng_decoder, rng_cells, rng_counts, rng_combos = child_rngs(seed, 5)
+    n_batches = check_int("n_batches", n_batches, minimum=1)
+    batch_effect = check_positive("batch_effect", batch_effect, allow_zero=True)
+    batch_imbalance = check_positive("batch_imbalance", batch_imbalance, allow_zero=True)
+    if batch_imbalance > 1:
+        raise CellpertInputError(f"batch_imbalance (--batch-imbalance) must be in [0, 1], got {batch_imbalance}.")
+    if batch_space not in ("latent", "gene"):
+        raise CellpertInputError(f"batch_space (--batch-space) must be 'latent' or 'gene', got {batch_space!r}.")
+    # (the sixth stream, batches, leaves the first five as they were without batches)
+    rng_effects, rng_decoder, rng_cells, rng_counts, rng_combos, rng_batches = child_rngs(seed, 6)
 
     # --- mechanism shifts (T x K)
     # sparse mask m_tk ~ Bernoulli(mask_prob)
@@ -198,11 +230,23 @@ def simulate_sams(
     # library size ℓ_i ~ LogNormal(log library_size, library_size_log_sd²)
     library = draw_library_size(rng_cells, len(group), median=library_size, log_sd=library_size_log_sd)
 
+    # --- batches: b_i and the shifts β_b (none with one batch)
+    batch, batch_shift = _draw_batches(
+        rng_batches, group, n_batches=n_batches, imbalance=batch_imbalance, effect=batch_effect,
+        width=n_latent if batch_space == "latent" else n_genes,
+    )  # fmt: skip
+    decoder_input = z if batch is None or batch_space == "gene" else (z + batch_shift[batch]).astype(np.float32)
+
     # --- decoder f: K -> hidden… -> G, outputs standardised per gene
     decoder = random_mlp(rng_decoder, [n_latent, *hidden, n_genes], negative_slope=LEAKY_SLOPE)
-    decoder = decoder.standardised(z, per_output=True, center=True)
-    draw = {"rng": rng_counts, "latent": z, "decoder": decoder, "normalise": "genes", "library_size": library,
-            "likelihood": "nb", "theta": nb_theta}  # fmt: skip
+    decoder = decoder.standardised(decoder_input, per_output=True, center=True)
+    count_decoder, count_input = decoder, decoder_input
+    if batch is not None and batch_space == "gene":
+        # gene-space shift: logits_i + β_{b_i}, the batch one-hot riding along with z
+        count_decoder = _GeneShiftedDecoder(decoder, batch_shift)
+        count_input = np.hstack([z, np.eye(n_batches, dtype=np.float32)[batch]])
+    draw = {"rng": rng_counts, "latent": count_input, "decoder": count_decoder, "normalise": "genes",
+            "library_size": library, "likelihood": "nb", "theta": nb_theta}  # fmt: skip
     counts = None if out is not None else sample_counts(**draw)[0]
 
     # --- split: the first cells of each group train, then val, then test
@@ -222,11 +266,16 @@ def simulate_sams(
         "combination_parts": parts.astype(np.int64),
         "decoder": decoder.to_uns(),
     }
+    obs = {"true_library_size": library.astype(np.float32)}
+    if batch is not None:
+        ground_truth["batch_shift"] = batch_shift
+        ground_truth["batch_space"] = batch_space
+        obs["batch"] = pd.Categorical.from_codes(batch, categories=[f"b{b}" for b in range(n_batches)])
     if out is not None:
         return write_in_blocks(
             Path(out), n_genes=n_genes, draw=draw, group_labels=[CONTROL_LABEL, *names, *combo_labels],
             group_of_cell=group, split=split, obsm={"X_true_latent": z, "X_true_basal": z_basal},
-            obs={"true_library_size": library.astype(np.float32)}, ground_truth=ground_truth,
+            obs=obs, ground_truth=ground_truth,
         )  # fmt: skip
     return build_adata(
         counts=counts,
@@ -234,9 +283,44 @@ def simulate_sams(
         group_of_cell=group,
         split=split,
         obsm={"X_true_latent": z, "X_true_basal": z_basal},
-        obs={"true_library_size": library.astype(np.float32)},
+        obs=obs,
         ground_truth=ground_truth,
     )
+
+
+def _draw_batches(
+    rng: np.random.Generator, group: np.ndarray, *, n_batches: int, imbalance: float, effect: float, width: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Batch of each cell and the batch shifts (see :func:`simulate_sams`); (None, None) for one batch."""
+    if n_batches == 1:
+        return None, None
+    batch = np.empty(len(group), dtype=np.int64)
+    for g in np.unique(group):
+        cells = np.flatnonzero(group == g)
+        probs = np.full(n_batches, 1.0 / n_batches)
+        if g > 0:  # group 0 is control: uniform; perturbation groups favour batch (g - 1) mod B
+            probs *= 1.0 - imbalance
+            probs[(g - 1) % n_batches] += imbalance
+        # b_i ~ Categorical(probs of the cell's group)
+        batch[cells] = rng.choice(n_batches, size=len(cells), p=probs)
+    # batch shift β_b ~ N(0, effect² I)
+    shift = rng.normal(0.0, effect, size=(n_batches, width))
+    return batch, shift
+
+
+class _GeneShiftedDecoder:
+    """Decoder logits plus a per-batch gene shift; input ``[z, onehot(batch)]``."""
+
+    def __init__(self, decoder: RandomMLP, shift: np.ndarray) -> None:
+        self.decoder, self.shift = decoder, np.asarray(shift, dtype=np.float64)
+        self.n_in = int(decoder.weights[0].shape[0])
+
+    @property
+    def n_out(self) -> int:
+        return self.decoder.n_out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.decoder(x[:, : self.n_in]) + x[:, self.n_in :] @ self.shift
 
 
 def _sample_pairs(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -263,6 +347,7 @@ def sams_true_ate(
     n_cells: int = 20_000,
     seed: int = 0,
     chunk_cells: int = 5_000,
+    batch: int | str | None = None,
 ) -> pd.DataFrame:
     """True ATE of labels under the SAMS simulator's own generative model, at large n.
 
@@ -285,6 +370,9 @@ def sams_true_ate(
         Seeds the draws.
     chunk_cells
         Cells per block (bounds memory).
+    batch
+        A screen simulated with batches: the ATE within this batch (index or ``"b1"``);
+        None pools the batches as the control cells are spread, uniformly.
 
     Returns
     -------
@@ -309,6 +397,17 @@ def sams_true_ate(
     col = {n: j for j, n in enumerate(names)}
     theta = float(params["nb_theta"])
     rng = np.random.default_rng(seed)
+    batch_shift = ground_truth.get("batch_shift")
+    gene_space = str(ground_truth.get("batch_space", "latent")) == "gene"
+    if batch_shift is not None:
+        batch_shift = np.asarray(batch_shift, dtype=np.float64)
+        if batch is not None:
+            b = int(str(batch).lstrip("b"))
+            if not 0 <= b < batch_shift.shape[0]:
+                raise CellpertInputError(f"batch {batch!r} is not a simulated batch (0..{batch_shift.shape[0] - 1}).")
+            batch_shift = batch_shift[b : b + 1]
+    elif batch is not None:
+        raise CellpertInputError("batch is given but the screen was simulated without batches.")
     n_genes = decoder.n_out
     out = np.zeros((n_genes, len(labels)))
 
@@ -317,8 +416,12 @@ def sams_true_ate(
         lib = np.maximum(x.sum(axis=1, keepdims=True), 1.0)
         return np.log2(1e4 * x / lib + 1.0)
 
-    def draw(z: np.ndarray, library: np.ndarray) -> np.ndarray:
+    def draw(z: np.ndarray, library: np.ndarray, cell_batch: np.ndarray | None) -> np.ndarray:
+        if cell_batch is not None and not gene_space:
+            z = z + batch_shift[cell_batch]
         logits = decoder(z)
+        if cell_batch is not None and gene_space:
+            logits = logits + batch_shift[cell_batch]
         mean = library[:, None] * np.exp(logits - logits.max(1, keepdims=True))
         mean /= np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)
         # NB(mean, θ) counts as a Gamma-Poisson mixture
@@ -338,7 +441,9 @@ def sams_true_ate(
             library = draw_library_size(
                 rng, m, median=float(params["library_size"]), log_sd=float(params["library_size_log_sd"])
             )
-            total += (draw(zb + delta, library) - draw(zb, library)).sum(0)
+            # batch b ~ Uniform (as the control cells), or the one batch asked for
+            cell_batch = None if batch_shift is None else rng.integers(0, batch_shift.shape[0], size=m)
+            total += (draw(zb + delta, library, cell_batch) - draw(zb, library, cell_batch)).sum(0)
         out[:, j] = total / int(n_cells)
     genes = gene_names(n_genes).rename("gene")
     return pd.DataFrame(out, index=genes, columns=pd.Index(list(labels), name="label"))

@@ -8,12 +8,14 @@
   library size (:func:`log_mean_counts`), computed from log μ, as is
   :func:`poisson_log_prob_log_mean`; :func:`chunked_predictive_mean` (predictive
   particles); :func:`perturbseq_transform` (the ATE space);
+- :class:`CovariateInput`: batch / categorical / continuous covariates as one vector;
 - :func:`sample_straight_through_bernoulli`, :func:`bernoulli_log_prob`: hard masks with
   relaxed gradients and exact Bernoulli log-probabilities.
 """
 
 from __future__ import annotations
 
+from cellpert.models._components._covariates import CovariateInput, CovariateModuleMixin
 from cellpert.models._components._likelihood import (
     NBDecoder,
     chunked_predictive_mean,
@@ -28,6 +30,8 @@ from cellpert.models._components._masks import bernoulli_log_prob, sample_straig
 from cellpert.models._components._nn import GaussianHead, MultiInputLinear, ResidualMLP
 
 __all__ = [
+    "CovariateInput",
+    "CovariateModuleMixin",
     "GaussianHead",
     "MultiInputLinear",
     "NBDecoder",

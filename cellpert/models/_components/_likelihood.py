@@ -83,18 +83,33 @@ class NBDecoder(nn.Module):
         G.
     n_hidden, n_layers
         Body of the residual MLP (paper: 400, 1).
+    n_batch_dispersion
+        Option: one θ per gene and batch (``log_theta`` is (n_batch, G)) when > 1;
+        otherwise one θ per gene.
     """
 
-    def __init__(self, n_inputs: Sequence[int], n_genes: int, n_hidden: int, n_layers: int) -> None:
+    def __init__(
+        self, n_inputs: Sequence[int], n_genes: int, n_hidden: int, n_layers: int, n_batch_dispersion: int = 0
+    ) -> None:
         super().__init__()
         self.body = ResidualMLP(n_inputs, n_hidden, n_layers)
         self.out = nn.Linear(n_hidden, n_genes)
-        # θ_g = exp(log_theta_g), initialised to 1
-        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        # θ_g = exp(log_theta_g) (or θ_bg per batch), initialised to 1
+        shape = (n_batch_dispersion, n_genes) if n_batch_dispersion > 1 else (n_genes,)
+        self.log_theta = nn.Parameter(torch.zeros(shape))
 
     @property
     def theta(self) -> torch.Tensor:
+        """θ: (G,), or (n_batch, G) with a per-batch dispersion."""
         return torch.exp(self.log_theta)
+
+    def log_theta_of(self, batch_index: torch.Tensor | None) -> torch.Tensor:
+        """``log θ`` of each cell's batch, (B, G), or the per-gene (G,) without batches."""
+        if self.log_theta.dim() == 1:
+            return self.log_theta
+        if batch_index is None:
+            raise ValueError("a per-batch dispersion needs the cells' batch codes")
+        return self.log_theta[batch_index]
 
     def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """Normalised expression ρ (softmax over genes)."""

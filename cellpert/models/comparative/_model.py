@@ -18,6 +18,7 @@ from scvi.model.base import BaseModelClass
 from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, as_list, gene_log1p_stats, recorded_screen_keys
 from cellpert.models._base import (
+    CovariateMixin,
     DosageLabelsMixin,
     LikelihoodMixin,
     SplitMixin,
@@ -87,7 +88,9 @@ def _target_indicator(
     return (np.diff(dosage.indptr) > 0).astype(np.float32)
 
 
-class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, PerturbationTrainingMixin, BaseModelClass):
+class ComparativeVAE(
+    DosageLabelsMixin, LikelihoodMixin, SplitMixin, CovariateMixin, PerturbationTrainingMixin, BaseModelClass
+):
     """Comparative VAE: background data decoded from z, target data from (z, t) (docs/models.md, *Comparative VAE*).
 
     Background cells (e.g. controls) have ``z ~ N(0, I)`` and ``x ~ p(x | f(z, 0))``;
@@ -95,7 +98,9 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
     ``x ~ p(x | f(z, t))``. One decoder f, a residual leaky-ReLU network (piecewise
     affine: the paper's identifiability condition), NB (or Poisson) counts with observed
     library size. Three fitting modes, chosen in :meth:`train`: ``standard``,
-    ``multi-objective`` and ``constrained``.
+    ``multi-objective`` and ``constrained``. Covariates registered by
+    :meth:`setup_anndata` (batch, categorical, continuous) enter the shared decoder,
+    ``f(z, t, c)``, for both data sets (docs/models.md, *Covariates*).
 
     Parameters
     ----------
@@ -113,6 +118,12 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         Hidden layers of each encoder (2).
     likelihood
         ``"nb"`` (default) or ``"poisson"``.
+    encode_covariates
+        Also give the covariates to both encoders, ``q(z | x, c)`` and ``q(t | x, c)``
+        (default: decoder only, as in scvi-tools). Without covariates it does nothing.
+    dispersion
+        ``"gene"`` (θ_g) or ``"gene-batch"`` (θ_bg, one per gene and batch; needs the NB
+        likelihood and a ``batch_key`` with at least two batches).
     seed
         Seeds the initial parameters and, by default, training.
 
@@ -139,10 +150,16 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         n_layers: int = 2,
         n_layers_encoder: int = 2,
         likelihood: Likelihood = "nb",
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
         seed: int = 0,
     ) -> None:
         if likelihood not in ("nb", "poisson"):
             raise CellpertInputError(f"likelihood must be 'nb' or 'poisson', got {likelihood!r}.")
+        if dispersion not in ("gene", "gene-batch"):
+            raise CellpertInputError(f"dispersion must be 'gene' or 'gene-batch', got {dispersion!r}.")
+        if dispersion == "gene-batch" and likelihood == "poisson":
+            raise CellpertInputError("dispersion='gene-batch' needs likelihood='nb' (a Poisson has no dispersion).")
         for name, value in (("n_background_latent", n_background_latent), ("n_salient_latent", n_salient_latent)):
             if int(value) < 1:
                 raise CellpertInputError(f"{name} must be >= 1, got {value}.")
@@ -158,6 +175,12 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
                 f"the training split has {n_bg} background and {n_tg} target cells; a comparative model "
                 "needs both (check --background / --control and the split)."
             )
+        sizes = self.covariate_sizes
+        if dispersion == "gene-batch" and sizes["n_batch"] <= 1:
+            raise CellpertInputError(
+                "dispersion='gene-batch' needs a batch: pass batch_key=<obs column> (two levels or more) "
+                "to setup_anndata, or use dispersion='gene'."
+            )
         counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         mean, std = gene_log1p_stats(counts, rows=train_idx)
         with seeded(self.seed):
@@ -169,6 +192,9 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
                 n_layers=n_layers,
                 n_layers_encoder=n_layers_encoder,
                 likelihood=likelihood,
+                encode_covariates=encode_covariates,
+                dispersion=dispersion,
+                **sizes,
             )
         self.module.gene_mean.copy_(torch.as_tensor(mean))
         self.module.gene_std.copy_(torch.as_tensor(std))
@@ -197,9 +223,12 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         library_size_key: str = DEFAULT_LIBRARY_SIZE_KEY,
         is_target_key: str = DEFAULT_IS_TARGET_KEY,
         split_key: str | None = DEFAULT_SPLIT_KEY,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         **kwargs,
     ) -> None:
-        """Register counts, background / target membership, library size and split.
+        """Register counts, background / target membership, library size, split and covariates.
 
         Parameters
         ----------
@@ -225,6 +254,16 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         split_key
             obs column with ``train`` / ``val`` / ``test`` / ``unused``; ``None``: every
             cell is a training cell.
+        batch_key, categorical_covariate_keys, continuous_covariate_keys
+            Covariates, as in scvi-tools: obs columns of the batch (e.g. the 10x lane),
+            of other categorical covariates (donor, cell line) and of continuous ones
+            (docs/models.md, *Covariates*). They enter the decoder shared by background
+            and target cells, ``f(z, t, c)``; the constructor's ``encode_covariates=True``
+            also gives them to both encoders and ``dispersion="gene-batch"`` gives each
+            batch its own θ. A missing value (or a non-finite continuous one) is an
+            error. With covariates the prior estimator of the model ATE
+            (:meth:`get_predictive_means`) is refused: this family has no
+            counterfactual estimator.
 
         Returns
         -------
@@ -245,7 +284,9 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         adata.obs[is_target_key] = indicator
         register_screen_fields(
             cls, adata, layer=layer, library_size_key=library_size_key, split_key=split_key,
-            fields=[NumericalObsField(IS_TARGET_KEY, is_target_key)], setup_method_args=setup_method_args, **kwargs,
+            fields=[NumericalObsField(IS_TARGET_KEY, is_target_key)], setup_method_args=setup_method_args,
+            batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys, **kwargs,
         )  # fmt: skip
 
     def _is_target(self, adata: AnnData | None = None) -> np.ndarray:
@@ -356,8 +397,15 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
     train.__doc__ = (train.__doc__ or "") + COMMON_TRAIN_DOC
 
     # ------------------------------------------------------------- accessors
-    def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tensors[REGISTRY_KEYS.X_KEY], tensors[LIBRARY_KEY], tensors[IS_TARGET_KEY]
+    def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """``(x, ℓ, is_target, covariates, batch_index)`` for
+        :meth:`~cellpert.models.comparative.ComparativeVAEModule.log_weights` (the last two
+        None without covariates)."""
+        side = self.module.side_inputs(tensors)
+        return (
+            tensors[REGISTRY_KEYS.X_KEY], tensors[LIBRARY_KEY], tensors[IS_TARGET_KEY],
+            side["covariates"], side["batch_index"],
+        )  # fmt: skip
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -383,7 +431,10 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         self.module.eval()
         key = "qz_loc" if kind == "background" else "qt_loc"
         idx = self._indices(adata, indices, split)
-        out = [self.module.encode(t[REGISTRY_KEYS.X_KEY])[key].cpu().numpy() for t in self._eval_batches(adata, idx, batch_size)]
+        out = [
+            self.module.encode(t[REGISTRY_KEYS.X_KEY], self.module.covariates(t))[key].cpu().numpy()
+            for t in self._eval_batches(adata, idx, batch_size)
+        ]
         width = self.module.n_background_latent if kind == "background" else self.module.n_salient_latent
         return np.concatenate(out, axis=0) if out else np.zeros((0, width), np.float32)
 
@@ -426,6 +477,12 @@ class ComparativeVAE(DosageLabelsMixin, LikelihoodMixin, SplitMixin, Perturbatio
         A zero row is a background row (``t = 0``); any other row a target row (``t ~
         N(0, I)``): the model has one salient space for every target cell, so all
         perturbations get the same predicted effect. ``z ~ N(0, I)`` for every row.
+        Refused for a model with covariates (the prior has no covariates to decode at).
         """
+        if self.module.covariates.n_output:
+            raise CellpertInputError(
+                "the comparative model's prior estimator does not take covariates, and the family has no "
+                "counterfactual estimator; set the model up without covariates to compute model ATEs."
+            )
         is_target = (dosage.abs().sum(1) > 0).to(torch.float32)
         return self.module.predictive_means(is_target, n_samples, library, transform=transform, chunk_size=chunk_size)

@@ -4,11 +4,18 @@ Generative model, for a background cell (``g_i = 0``) and a target cell (``g_i =
 
     z_i ~ N(0, I_dz)                        shared (background) latent, every cell
     t_i ~ N(0, I_dt)  if g_i = 1, else 0    salient latent, target cells only
-    x_ig ~ NB(ℓ_i ρ_g(z_i, t_i), θ_g)       (or Poisson), ρ = softmax(f(z, t))
+    x_ig ~ NB(ℓ_i ρ_g(z_i, t_i), θ_g)       (or Poisson), ρ = softmax(f(z, t[, c]))
 
 with one decoder f for both data sets whose hidden activations are leaky ReLUs (a
 piecewise affine map, the paper's identifiability condition). The encoders
 ``q(z | x)`` and ``q(t | x)`` are Gaussian and see only the counts.
+
+Covariates (option; docs/models.md, *Covariates*): the vector c_i of a cell's batch,
+categorical and continuous covariates enters the first layer of the shared decoder,
+``f(z_i, t_i, c_i)``, for background and target cells alike (so batch differences are
+not pushed into z or t), and, with ``encode_covariates``, the first layer of both
+encoders; θ may be per gene and batch. Without covariates nothing is added: such a
+module has exactly the parameters it always had.
 
 Per cell the negative ELBO is ``rec_i + w (KL_z,i + g_i KL_t,i)`` (w: KL warm-up weight).
 The regularisers act on background cells' salient posteriors and are NOT scaled by w:
@@ -26,6 +33,7 @@ separately.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -33,6 +41,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 
 from cellpert.models._components import (
+    CovariateModuleMixin,
     GaussianHead,
     NBDecoder,
     ResidualMLP,
@@ -81,7 +90,7 @@ def mmd(a: torch.Tensor, b: torch.Tensor, scales: tuple[float, ...] = (0.5, 1.0,
     return kernel(a, a).mean() + kernel(b, b).mean() - 2.0 * kernel(a, b).mean()
 
 
-class ComparativeVAEModule(BaseModuleClass):
+class ComparativeVAEModule(CovariateModuleMixin, BaseModuleClass):
     """Comparative VAE module: shared latent z, salient latent t (docs/models.md, *Comparative VAE*).
 
     Parameters
@@ -100,6 +109,17 @@ class ComparativeVAEModule(BaseModuleClass):
         Hidden layers of each encoder.
     likelihood
         ``"nb"`` (per-gene inverse dispersion) or ``"poisson"``.
+    n_batch, n_cats_per_cov, n_continuous_cov
+        Covariates: levels of the batch, of each categorical covariate, and the number of
+        continuous ones (0 / empty: none). Their vector ``c_i``
+        (:class:`~cellpert.models._components.CovariateInput`) enters the decoder's first
+        layer, ``ρ = softmax(f(z, t, c))``.
+    encode_covariates
+        Also give ``c_i`` to the first layer of both encoders, ``q(z | x, c)`` and
+        ``q(t | x, c)`` (off, as in scvi-tools).
+    dispersion
+        ``"gene"``: θ_g; ``"gene-batch"``: θ_bg, one per gene and batch (NB only; needs a
+        batch).
     """
 
     def __init__(
@@ -112,17 +132,34 @@ class ComparativeVAEModule(BaseModuleClass):
         n_layers: int = 2,
         n_layers_encoder: int = 2,
         likelihood: Likelihood = "nb",
+        n_batch: int = 0,
+        n_cats_per_cov: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
     ) -> None:
         super().__init__()
         self.n_genes = int(n_genes)
         self.n_background_latent = int(n_background_latent)
         self.n_salient_latent = int(n_salient_latent)
         self.likelihood = likelihood
-        self.z_encoder = ResidualMLP([n_genes], n_hidden, n_layers_encoder)
+        # --- covariates c_i (batch, categorical, continuous); width 0 without them
+        n_cov = self._init_covariates(
+            n_batch, n_cats_per_cov, n_continuous_cov, encode_covariates=encode_covariates, dispersion=dispersion, batch_dispersion_allowed=likelihood != "poisson",
+        )
+        # the covariate input is appended only when there is one, so a module without
+        # covariates keeps its parameters (and their seeded initial values)
+        cov_input = [n_cov] if n_cov else []
+        enc_cov = cov_input if self.encode_covariates else []
+        self.z_encoder = ResidualMLP([n_genes, *enc_cov], n_hidden, n_layers_encoder)
         self.z_head = GaussianHead(n_hidden, n_background_latent)
-        self.t_encoder = ResidualMLP([n_genes], n_hidden, n_layers_encoder)
+        self.t_encoder = ResidualMLP([n_genes, *enc_cov], n_hidden, n_layers_encoder)
         self.t_head = GaussianHead(n_hidden, n_salient_latent)
-        self.decoder = NBDecoder([n_background_latent, n_salient_latent], n_genes, n_hidden, n_layers)
+        # --- one decoder f(z, t[, c]) for background and target cells
+        self.decoder = NBDecoder(
+            [n_background_latent, n_salient_latent, *cov_input], n_genes, n_hidden, n_layers,
+            n_batch_dispersion=n_batch if dispersion == "gene-batch" else 0,
+        )  # fmt: skip
         if likelihood == "poisson":
             self.decoder.log_theta.requires_grad_(False)
         # encoder input statistics of log1p(x), computed on the training cells by the model
@@ -131,28 +168,54 @@ class ComparativeVAEModule(BaseModuleClass):
 
     # ------------------------------------------------------------ scvi API
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY], "is_target": tensors[IS_TARGET_KEY].reshape(-1)}
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "is_target": tensors[IS_TARGET_KEY].reshape(-1),
+            "covariates": self.covariates(tensors),
+        }
 
     def _get_generative_input(self, tensors, inference_outputs) -> dict[str, torch.Tensor]:
         return {
             "z": inference_outputs["z"],
             "t": inference_outputs["t"],
             "library_size": tensors[LIBRARY_KEY].reshape(-1),
+            "covariates": self.covariates(tensors),
+            "batch_index": self.covariates.batch_index(tensors),
         }
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Posterior parameters of q(z | x) and q(t | x)."""
+
+    def _decoder_inputs(
+        self, z: torch.Tensor, t: torch.Tensor, covariates: torch.Tensor | None
+    ) -> list[torch.Tensor | None]:
+        """The decoder's inputs: ``z, t`` and, with covariates, ``c`` (broadcast by the
+        first layer over any leading sample dimensions of z and t)."""
+        if not self.covariates.n_output:
+            return [z, t]
+        if covariates is None:
+            raise ValueError("this model was set up with covariates: pass each cell's covariates")
+        return [z, t, covariates]
+
+    def encode(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Posterior parameters of q(z | x[, c]) and q(t | x[, c]) (``c`` only with
+        ``encode_covariates``)."""
         # standardised log1p(x), clipped as scanpy's scale(max_value=10): a gene seen in a
         # handful of cells would otherwise give inputs of 40+ and blow up the encoder
         h = ((torch.log1p(x) - self.gene_mean) / self.gene_std).clamp(-INPUT_CLIP, INPUT_CLIP)
-        qz_loc, qz_scale = self.z_head(self.z_encoder(h))
-        qt_loc, qt_scale = self.t_head(self.t_encoder(h))
+        inputs = [h]
+        if self.encode_covariates:
+            if covariates is None:
+                raise ValueError("this model encodes covariates: pass each cell's covariates")
+            inputs.append(covariates)
+        qz_loc, qz_scale = self.z_head(self.z_encoder(*inputs))
+        qt_loc, qt_scale = self.t_head(self.t_encoder(*inputs))
         return {"qz_loc": qz_loc, "qz_scale": qz_scale, "qt_loc": qt_loc, "qt_scale": qt_scale}
 
     @auto_move_data
-    def inference(self, x: torch.Tensor, is_target: torch.Tensor, n_samples: int = 1) -> dict[str, torch.Tensor]:
+    def inference(
+        self, x: torch.Tensor, is_target: torch.Tensor, n_samples: int = 1, covariates: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Encode and sample (reparameterised); background cells get ``t = 0``."""
-        out = self.encode(x)
+        out = self.encode(x, covariates)
         shape = (n_samples,) if n_samples > 1 else ()
         # shared latent z_i ~ q(z | x_i), every cell
         z = out["qz_loc"] + out["qz_scale"] * torch.randn(shape + out["qz_loc"].shape, device=x.device)
@@ -162,15 +225,31 @@ class ComparativeVAEModule(BaseModuleClass):
         return {**out, "z": z, "t": t}
 
     @auto_move_data
-    def generative(self, z: torch.Tensor, t: torch.Tensor, library_size: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Log mean counts ``log ℓ + log ρ(z, t)``."""
-        return {"log_mu": log_mean_counts(library_size, self.decoder.log_rho(z, t))}
+    def generative(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        library_size: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Log mean counts ``log ℓ + log ρ(z, t[, c])`` (``batch_index`` is carried to the
+        loss, which takes each cell's batch θ with ``dispersion="gene-batch"``)."""
+        log_rho = self.decoder.log_rho(*self._decoder_inputs(z, t, covariates))
+        return {"log_mu": log_mean_counts(library_size, log_rho)}
 
-    def log_likelihood(self, x: torch.Tensor, log_mu: torch.Tensor) -> torch.Tensor:
-        """log p(x | mean ``exp(log_mu)``) per cell (computed in log space)."""
+    def log_likelihood(
+        self, x: torch.Tensor, log_mu: torch.Tensor, batch_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(x | mean ``exp(log_mu)``) per cell (computed in log space); ``batch_index``
+        picks each cell's θ with ``dispersion="gene-batch"``."""
         if self.likelihood == "poisson":
             return poisson_log_prob_log_mean(x, log_mu)
-        return nb_log_prob_log_mean(x, log_mu, self.decoder.log_theta)
+        return nb_log_prob_log_mean(x, log_mu, self.decoder.log_theta_of(batch_index))
+
+    def nb_theta_of(self, batch_index: torch.Tensor | None) -> torch.Tensor:
+        """θ of each cell: (G,), or (B, G) with ``dispersion="gene-batch"``."""
+        return torch.exp(self.decoder.log_theta_of(batch_index))
 
     def loss(
         self,
@@ -198,7 +277,7 @@ class ComparativeVAEModule(BaseModuleClass):
         x = tensors[REGISTRY_KEYS.X_KEY]
         is_target = tensors[IS_TARGET_KEY].reshape(-1).to(inference_outputs["t"].dtype)
         is_background = 1.0 - is_target
-        rec = -self.log_likelihood(x, generative_outputs["log_mu"])
+        rec = -self.log_likelihood(x, generative_outputs["log_mu"], self.covariates.batch_index(tensors))
         kl_z = gaussian_kl(inference_outputs["qz_loc"], inference_outputs["qz_scale"])
         kl_t = gaussian_kl(inference_outputs["qt_loc"], inference_outputs["qt_scale"]) * is_target
         per_cell = rec + kl_weight * (kl_z + kl_t)
@@ -229,23 +308,33 @@ class ComparativeVAEModule(BaseModuleClass):
     # ----------------------------------------------------------- evaluation
     @torch.inference_mode()
     def log_weights(
-        self, x: torch.Tensor, library_size: torch.Tensor, is_target: torch.Tensor, n_samples: int
+        self,
+        x: torch.Tensor,
+        library_size: torch.Tensor,
+        is_target: torch.Tensor,
+        covariates: torch.Tensor | None,
+        batch_index: torch.Tensor | None,
+        n_samples: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Importance log-weights ``log p(x | z, t) + log p(z, t) − log q(z, t | x)``.
+        """Importance log-weights ``log p(x | z, t[, c]) + log p(z, t) − log q(z, t | x[, c])``.
+
+        ``covariates`` and ``batch_index`` are the minibatch's (:meth:`side_inputs`; None
+        for a module without them).
 
         Returns
         -------
         ``(log_w, log_px, kl)``: ``(S, B)`` log-weights and log-likelihoods, and the
         analytic ``(B,)`` KL of q from the prior (t counted for target cells only).
         """
-        out = self.encode(x)
+        out = self.encode(x, covariates)
         g = is_target.reshape(-1).to(x.dtype)
         # z_s ~ q(z | x) and, for target cells, t_s ~ q(t | x)
         eps_z = torch.randn((n_samples,) + out["qz_loc"].shape, device=x.device)
         eps_t = torch.randn((n_samples,) + out["qt_loc"].shape, device=x.device)
         z = out["qz_loc"] + out["qz_scale"] * eps_z
         t = (out["qt_loc"] + out["qt_scale"] * eps_t) * g.reshape(-1, 1)
-        log_px = self.log_likelihood(x, torch.log(library_size.reshape(-1, 1).clamp(min=1.0)) + self.decoder.log_rho(z, t))
+        log_rho = self.decoder.log_rho(*self._decoder_inputs(z, t, covariates))
+        log_px = self.log_likelihood(x, log_mean_counts(library_size, log_rho), batch_index)
         # log p(z) − log q(z | x) per sample (the 2π terms cancel)
         log_ratio = (-0.5 * z**2 + 0.5 * eps_z**2 + torch.log(out["qz_scale"])).sum(-1)
         log_ratio = log_ratio + g * (-0.5 * t**2 + 0.5 * eps_t**2 + torch.log(out["qt_scale"])).sum(-1)
@@ -285,6 +374,8 @@ class ComparativeVAEModule(BaseModuleClass):
         -------
         (R, G) tensor.
         """
+        if self.covariates.n_output:
+            raise ValueError("the prior estimator does not take covariates")
         R = is_target.shape[0]
         g = is_target.reshape(-1, 1).to(torch.float32)
 

@@ -20,6 +20,7 @@ from cellpert._errors import CellpertInputError
 from cellpert.data import DEFAULT_SPLIT_KEY, gene_log1p_stats
 from cellpert.models._base import (
     CounterfactualMixin,
+    CovariateMixin,
     DosageLabelsMixin,
     SplitMixin,
     SplitName,
@@ -49,7 +50,9 @@ DEFAULT_MASK_LOGITS_LR = 3e-2
 
 
 
-class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, PerturbationTrainingMixin, BaseModelClass):
+class _PerturbationVAE(
+    CounterfactualMixin, DosageLabelsMixin, SplitMixin, CovariateMixin, PerturbationTrainingMixin, BaseModelClass
+):
     """Shared model code of SAMS-VAE, CPA-VAE and the conditional VAE."""
 
     _module_cls = PerturbationVAEModule
@@ -76,9 +79,12 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
         dosage_key: str = DEFAULT_DOSAGE_KEY,
         library_size_key: str = DEFAULT_LIBRARY_SIZE_KEY,
         split_key: str | None = DEFAULT_SPLIT_KEY,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         **kwargs,
     ) -> None:
-        """Register counts, the dosage matrix D, the library size and the split.
+        """Register counts, the dosage matrix D, the library size, the split and covariates.
 
         Parameters
         ----------
@@ -98,6 +104,11 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
             obs column with ``train`` / ``val`` / ``test`` / ``unused`` per cell; the model
             trains on ``train``, validates on ``val``, and computes the encoder's gene
             statistics and ``N_t`` on them. ``None``: every cell is a training cell.
+        batch_key, categorical_covariate_keys, continuous_covariate_keys
+            Covariates, as in scvi-tools: obs columns of the batch (e.g. the 10x lane),
+            of other categorical covariates (donor, cell line) and of continuous ones.
+            They enter the decoder (docs/models.md, *Covariates*); a missing value is an
+            error.
 
         Returns
         -------
@@ -120,7 +131,9 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
                 )
         register_screen_fields(
             cls, adata, layer=layer, library_size_key=library_size_key, split_key=split_key,
-            fields=[ObsmField(DOSAGE_KEY, dosage_key, colnames_uns_key=names_key)], setup_method_args=setup_method_args, **kwargs,
+            fields=[ObsmField(DOSAGE_KEY, dosage_key, colnames_uns_key=names_key)], setup_method_args=setup_method_args,
+            batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys, **kwargs,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ init
@@ -137,7 +150,9 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
         mean, std = gene_log1p_stats(counts, rows=train_idx)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.module = self._module_cls(n_genes, n_pert, variant=self._variant, **module_kwargs)
+            self.module = self._module_cls(
+                n_genes, n_pert, variant=self._variant, **self.covariate_sizes, **module_kwargs
+            )
         self.module.gene_mean.copy_(torch.as_tensor(mean))
         self.module.gene_std.copy_(torch.as_tensor(std))
         self.module.n_cells_train.copy_(torch.as_tensor(self.cells_per_perturbation(train_idx)))
@@ -249,8 +264,9 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
             out = []
             for t in self._eval_batches(adata, idx, batch_size):
                 inf = self.module.inference(
-                    t[REGISTRY_KEYS.X_KEY], t[DOSAGE_KEY], n_particles=n_samples, global_samples=glob
-                )
+                    t[REGISTRY_KEYS.X_KEY], t[DOSAGE_KEY], n_particles=n_samples, global_samples=glob,
+                    covariates=self.module.covariates(t),
+                )  # fmt: skip
                 loc = inf["qzb_loc"]
                 if loc.dim() == 3:
                     loc = loc.mean(0)
@@ -467,7 +483,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
             out = []
             for t in self._eval_batches(adata, idx, batch_size):
                 x, dosage, library = t[REGISTRY_KEYS.X_KEY], t[DOSAGE_KEY], t[LIBRARY_KEY]
-                logw = self.module.iwelbo_terms(x, dosage, library, glob, n_samples)  # (S, B)
+                logw = self.module.iwelbo_terms(x, dosage, library, glob, n_samples, **self.module.side_inputs(t))  # (S, B)
                 if iw:
                     value = torch.logsumexp(logw, 0) - math.log(n_samples)
                 else:
@@ -480,7 +496,7 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
     # ------------------------------------------------------------ prediction
     def _encode_basal(self, tensors: dict[str, torch.Tensor], sample: bool) -> torch.Tensor:
         """Counterfactual hook: basal states of control cells, q(z^b | x̃, D = 0)."""
-        return self.module.encode_basal(tensors[REGISTRY_KEYS.X_KEY], sample=sample)
+        return self.module.encode_basal(tensors[REGISTRY_KEYS.X_KEY], sample=sample, covariates=self.module.covariates(tensors))
 
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor | None:
         """Counterfactual hook: (P, T, K) draws of E ⊙ M from q (None: the conditional VAE)."""
@@ -488,6 +504,11 @@ class _PerturbationVAE(CounterfactualMixin, DosageLabelsMixin, SplitMixin, Pertu
 
     def _predictive_means(self, dosage, n_samples, library, transform, chunk_size) -> torch.Tensor:
         """Prediction hook: (E, M) ~ q per particle, z^b ~ N(0, I) per row (docs/models.md, *ATE space and data ATE*)."""
+        if self.module.covariates.n_output:
+            raise CellpertInputError(
+                "the prior estimator does not take covariates; use the counterfactual estimator "
+                "(estimator='counterfactual', the default), which keeps each control cell's covariates."
+            )
         return self.module.predictive_means(dosage, n_samples, library, transform=transform, chunk_size=chunk_size)
 
 
@@ -506,6 +527,11 @@ _SHARED_DOC = """
         Monte Carlo particles of the training ELBO (paper: 5).
     embedding_prior_scale
         s of the N(0, s² I) embedding prior.
+    encode_covariates
+        Also give the covariates to the encoder (default: decoder only, as scvi-tools;
+        docs/models.md, *Covariates*).
+    dispersion
+        ``"gene"`` (θ_g) or ``"gene-batch"`` (θ_bg; needs ``batch_key``).
     seed
         Seeds the initial parameters (and, by default, training).
 """
@@ -567,6 +593,8 @@ class SAMSVAE(_PerturbationVAE):
         encoder_input: Literal["offset", "dosage", "none"] = "offset",
         mask_gradient: Literal["straight_through", "score"] = "straight_through",
         spike_slab_guide: bool = False,
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
         seed: int = 0,
     ) -> None:
         super().__init__(adata)
@@ -591,6 +619,8 @@ class CPAVAE(_PerturbationVAE):
         embedding_prior_scale: float = 1.0,
         n_particles: int = 5,
         encoder_input: Literal["offset", "dosage", "none"] = "offset",
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
         seed: int = 0,
     ) -> None:
         super().__init__(adata)
@@ -613,6 +643,8 @@ class ConditionalVAE(_PerturbationVAE):
         n_layers: int = 1,
         n_layers_encoder: int = 1,
         n_particles: int = 5,
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
         seed: int = 0,
     ) -> None:
         super().__init__(adata)

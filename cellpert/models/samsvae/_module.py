@@ -17,6 +17,7 @@ global term; no analytic KL is used anywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -26,6 +27,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from cellpert.models._components import (
+    CovariateModuleMixin,
     GaussianHead,
     NBDecoder,
     ResidualMLP,
@@ -74,7 +76,7 @@ class _CorrelatedEmbeddingGuide(nn.Module):
         return self.head(self.mlp.body(self.mlp.first(mask) + self.onehot_weight))
 
 
-class PerturbationVAEModule(BaseModuleClass):
+class PerturbationVAEModule(CovariateModuleMixin, BaseModuleClass):
     """SAMS-VAE / CPA-VAE / conditional VAE module (scvi-tools torch path).
 
     Parameters
@@ -128,6 +130,16 @@ class PerturbationVAEModule(BaseModuleClass):
         paper's guide pays it whatever the mask, and its straight-through gradient
         cannot see that a mask turned off would let q(E) return to the prior). The
         generative model is unchanged.
+    n_batch, n_cats_per_cov, n_continuous_cov
+        Covariates (docs/models.md, *Covariates*): levels of the batch, of each
+        categorical covariate, and the number of continuous ones. Their vector ``c_i``
+        (:class:`~cellpert.models._components.CovariateInput`) enters the first decoder
+        layer, ``p(x | z, c)``.
+    encode_covariates
+        Also give ``c_i`` to the encoder, ``q(z^b | x̃, ·, c)`` (scvi-tools' default and
+        cellpert's: off).
+    dispersion
+        ``"gene"``: θ_g; ``"gene-batch"``: θ_bg, one per gene and batch.
     """
 
     def __init__(
@@ -151,6 +163,11 @@ class PerturbationVAEModule(BaseModuleClass):
         encoder_input: Literal["offset", "dosage", "none"] = "offset",
         mask_gradient: Literal["straight_through", "score"] = "straight_through",
         spike_slab_guide: bool = False,
+        n_batch: int = 0,
+        n_cats_per_cov: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
     ) -> None:
         super().__init__()
         self.spike_slab_guide = spike_slab_guide and variant == "sams"
@@ -185,15 +202,26 @@ class PerturbationVAEModule(BaseModuleClass):
         self.register_buffer("n_cells_train", torch.ones(n_perturbations))
         self.register_buffer("n_cells_val", torch.ones(n_perturbations))
 
-        # --- encoder q(z^b | x̃, offset) or, for the CVAE, q(z | x̃, D)
+        # --- covariates c_i (batch, categorical, continuous); width 0 without them
+        n_cov = self._init_covariates(
+            n_batch, n_cats_per_cov, n_continuous_cov, encode_covariates=encode_covariates, dispersion=dispersion,
+        )
+        # the covariate input is appended only when there is one, so a model without
+        # covariates keeps its parameters (and their seeded initial values)
+        cov_input = [n_cov] if n_cov else []
+
+        # --- encoder q(z^b | x̃, offset[, c]) or, for the CVAE, q(z | x̃, D[, c])
         extra = {"offset": n_latent, "dosage": n_perturbations, "none": 0}[self.encoder_input]
-        enc_inputs = [n_genes, extra]
+        enc_inputs = [n_genes, extra, *(cov_input if self.encode_covariates else [])]
         self.encoder = ResidualMLP(enc_inputs, n_hidden, n_layers_encoder)
         self.encoder_head = GaussianHead(n_hidden, n_latent)
 
-        # --- decoder p(x | z) (CVAE: p(x | z, D))
+        # --- decoder p(x | z[, c]) (CVAE: p(x | z, D[, c]))
         dec_inputs = [n_latent, n_perturbations] if variant == "cvae" else [n_latent]
-        self.decoder = NBDecoder(dec_inputs, n_genes, n_hidden, n_layers)
+        self.decoder = NBDecoder(
+            [*dec_inputs, *cov_input], n_genes, n_hidden, n_layers,
+            n_batch_dispersion=n_batch if dispersion == "gene-batch" else 0,
+        )  # fmt: skip
 
         # --- global variational parameters
         if variant != "cvae":
@@ -274,7 +302,7 @@ class PerturbationVAEModule(BaseModuleClass):
 
     # ------------------------------------------------------------- scvi hooks
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY], "dosage": tensors[DOSAGE_KEY]}
+        return {"x": tensors[REGISTRY_KEYS.X_KEY], "dosage": tensors[DOSAGE_KEY], "covariates": self.covariates(tensors)}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor]
@@ -283,7 +311,15 @@ class PerturbationVAEModule(BaseModuleClass):
             "z": inference_outputs["z"],
             "library": tensors[LIBRARY_KEY],
             "dosage": tensors[DOSAGE_KEY],
+            "covariates": self.covariates(tensors),
+            "batch_index": self.covariates.batch_index(tensors),
         }
+
+
+    def _encoder_covariates(self, covariates: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The encoder's covariate input: ``[c]`` when it takes one, else ``[]``."""
+        return [covariates] if self.encode_covariates else []
+
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder input: ``(log(x + 1) - mean) / std`` with training-split statistics."""
@@ -297,6 +333,7 @@ class PerturbationVAEModule(BaseModuleClass):
         n_particles: int | None = None,
         global_samples: dict[str, torch.Tensor | None] | None = None,
         n_local_samples: int | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Sample globals (shared by the minibatch) and the local latent of each cell.
 
@@ -308,13 +345,16 @@ class PerturbationVAEModule(BaseModuleClass):
             Output of :meth:`sample_globals` to reuse (e.g. one draw for all test cells).
         n_local_samples
             Local samples per global particle (IWELBO: P = 1 global draw, S local draws).
+        covariates
+            (B, C) covariate vectors (:meth:`side_inputs`); used by the encoder only with
+            ``encode_covariates``.
         """
         if global_samples is None:
             global_samples = self.sample_globals(n_particles or self.n_particles)
         x_std = self.standardise(x)
         effect = global_samples["effect"]
         if self.variant == "cvae":
-            loc, scale = self.encoder_head(self.encoder(x_std, dosage))  # (B, K)
+            loc, scale = self.encoder_head(self.encoder(x_std, dosage, *self._encoder_covariates(covariates)))  # (B, K)
             n_draws = n_local_samples or n_particles or self.n_particles
             offset = None
         else:
@@ -325,9 +365,12 @@ class PerturbationVAEModule(BaseModuleClass):
                 # (P, T, H) product instead of a (P, B, H) one over the minibatch
                 first = self.encoder.first
                 pre = first.layers[0](x_std) + torch.matmul(dosage, first.layers[1](effect))
+                if self.encode_covariates:
+                    pre = pre + first.layers[2](covariates)
                 h = self.encoder.body(pre)
             else:
-                h = self.encoder(x_std, dosage if self.encoder_input == "dosage" else None)
+                side = dosage if self.encoder_input == "dosage" else None
+                h = self.encoder(x_std, side, *self._encoder_covariates(covariates))
             loc, scale = self.encoder_head(h)  # (P, B, K), or (B, K) without the offset input
             n_draws = effect.shape[0]
             if n_local_samples is not None:
@@ -348,13 +391,27 @@ class PerturbationVAEModule(BaseModuleClass):
             "log_ratio": global_samples["log_ratio"],
         }
 
+    def _decoder_inputs(
+        self, z: torch.Tensor, dosage: torch.Tensor | None, covariates: torch.Tensor | None
+    ) -> list[torch.Tensor | None]:
+        """The decoder's inputs: ``z`` (CVAE: ``z, D``) and, with covariates, ``c``."""
+        self._check_covariates(covariates)
+        inputs: list[torch.Tensor | None] = [z, dosage] if self.variant == "cvae" else [z]
+        return [*inputs, covariates] if self.covariates.n_output else inputs
+
     @auto_move_data
     def generative(
-        self, z: torch.Tensor, library: torch.Tensor, dosage: torch.Tensor
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        dosage: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Decoder: log NB mean ``log μ_i = log ℓ_i + log softmax(W h(z_i) + b)`` and log θ."""
-        log_rho = self.decoder.log_rho(z, dosage) if self.variant == "cvae" else self.decoder.log_rho(z)
-        return {"log_mu": log_mean_counts(library, log_rho), "log_theta": self.decoder.log_theta}
+        """Decoder: log NB mean ``log μ_i = log ℓ_i + log softmax(W h(z_i[, c_i]) + b)`` and log θ
+        (per gene, or of each cell's batch)."""
+        log_rho = self.decoder.log_rho(*self._decoder_inputs(z, dosage, covariates))
+        return {"log_mu": log_mean_counts(library, log_rho), "log_theta": self.decoder.log_theta_of(batch_index)}
 
     def cell_terms(
         self,
@@ -430,6 +487,8 @@ class PerturbationVAEModule(BaseModuleClass):
         library: torch.Tensor,
         global_samples: dict[str, torch.Tensor | None],
         n_samples: int,
+        covariates: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample local log-weights ``log p(x|z) + log p(z^b) - log q(z^b)``: (S, B).
 
@@ -441,10 +500,10 @@ class PerturbationVAEModule(BaseModuleClass):
         if n_global not in (1, n_samples):
             raise ValueError(f"global_samples must hold 1 or n_samples={n_samples} particles, got {n_global}")
         local = n_samples if n_global == 1 else None
-        inf = self.inference(x, dosage, global_samples=global_samples, n_local_samples=local)
+        inf = self.inference(x, dosage, global_samples=global_samples, n_local_samples=local, covariates=covariates)
         zb, z = inf["zb"], inf["z"]
         loc, scale = inf["qzb_loc"], inf["qzb_scale"]
-        gen = self.generative(z, library, dosage)
+        gen = self.generative(z, library, dosage, covariates, batch_index)
         log_px = nb_log_prob_log_mean(x, gen["log_mu"], gen["log_theta"])
         log_pz = _normal_log_prob(zb, 0.0, 1.0).sum(-1)
         log_qz = _normal_log_prob(zb, loc, scale).sum(-1)
@@ -484,6 +543,8 @@ class PerturbationVAEModule(BaseModuleClass):
         -------
         (R, G) tensor.
         """
+        if self.covariates.n_output:
+            raise ValueError("the prior estimator does not take covariates; use the counterfactual estimator")
         R = dosage.shape[0]
 
         def draw_rho(c: int) -> torch.Tensor:
@@ -501,11 +562,17 @@ class PerturbationVAEModule(BaseModuleClass):
 
     @property
     def nb_theta(self) -> torch.Tensor:
-        """NB inverse dispersion θ (G,)."""
+        """NB inverse dispersion θ: (G,), or (n_batch, G) with ``dispersion="gene-batch"``."""
         return self.decoder.theta
 
+    def nb_theta_of(self, batch_index: torch.Tensor | None) -> torch.Tensor:
+        """θ of each cell: (G,), or (B, G) with ``dispersion="gene-batch"``."""
+        return torch.exp(self.decoder.log_theta_of(batch_index))
+
     @torch.inference_mode()
-    def encode_basal(self, x: torch.Tensor, *, sample: bool = True) -> torch.Tensor:
+    def encode_basal(
+        self, x: torch.Tensor, *, sample: bool = True, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Basal states of control cells: z^b ~ q(z^b | x̃, D = 0) (or its mean): (B, K).
 
         With ``D = 0`` the offset input is zero, so the encoder does not depend on the
@@ -513,24 +580,30 @@ class PerturbationVAEModule(BaseModuleClass):
         """
         dosage = torch.zeros(x.shape[0], self.n_perturbations, device=x.device, dtype=x.dtype)
         x_std = self.standardise(x)
+        enc_cov = self._encoder_covariates(covariates)
         if self.variant == "cvae" or self.encoder_input != "offset":
-            h = self.encoder(x_std, dosage if self.encoder_input == "dosage" else None)
+            h = self.encoder(x_std, dosage if self.encoder_input == "dosage" else None, *enc_cov)
         else:
-            h = self.encoder(x_std, torch.zeros(x.shape[0], self.n_latent, device=x.device, dtype=x.dtype))
+            h = self.encoder(x_std, torch.zeros(x.shape[0], self.n_latent, device=x.device, dtype=x.dtype), *enc_cov)
         loc, scale = self.encoder_head(h)
         # basal state z^b_i ~ q(z^b_i | x̃_i, D_i = 0)
         return loc + scale * torch.randn_like(loc) if sample else loc
 
     def counterfactual_rho(
-        self, basal: torch.Tensor, rows: torch.Tensor, effect: torch.Tensor | None
+        self,
+        basal: torch.Tensor,
+        rows: torch.Tensor,
+        effect: torch.Tensor | None,
+        covariates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ρ of control cells moved by dosage rows: (P, R, C, G) (P = 1 without globals).
 
         ``z = z^b_c + D_r (E_p ⊙ M_p)`` for each global draw p (``effect``: (P, T, K));
-        the conditional VAE decodes ``[z^b_c, D_r]``.
+        the conditional VAE decodes ``[z^b_c, D_r]``. ``covariates`` (C, ·): the cells' own,
+        kept under every row (the effect of a perturbation at the cell's covariates).
         """
         if effect is None:
             side = rows[:, None, :].expand(-1, basal.shape[0], -1)
-            return self.decoder(basal.expand(rows.shape[0], -1, -1), side)[None]
+            return self.decoder(*self._decoder_inputs(basal.expand(rows.shape[0], -1, -1), side, covariates))[None]
         shift = torch.matmul(rows, effect)  # (P, R, K)
-        return self.decoder(basal[None, None] + shift[:, :, None, :])
+        return self.decoder(*self._decoder_inputs(basal[None, None] + shift[:, :, None, :], None, covariates))

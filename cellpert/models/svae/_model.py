@@ -25,6 +25,7 @@ from cellpert.data import (
 )
 from cellpert.models._base import (
     CounterfactualMixin,
+    CovariateMixin,
     DosageLabelsMixin,
     LikelihoodMixin,
     SplitMixin,
@@ -118,13 +119,29 @@ def _resolve_controls(
         return []
 
 
-class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, PerturbationTrainingMixin, BaseModelClass):
+def _check_dispersion(dispersion: str) -> None:
+    """A one-line error for an unknown ``dispersion`` (its batch is checked in ``_build``)."""
+    if dispersion not in ("gene", "gene-batch"):
+        raise CellpertInputError(f"dispersion must be 'gene' or 'gene-batch', got {dispersion!r}.")
+
+
+class SVAE(
+    CounterfactualMixin,
+    DosageLabelsMixin,
+    LikelihoodMixin,
+    SplitMixin,
+    CovariateMixin,
+    PerturbationTrainingMixin,
+    BaseModelClass,
+):
     """sVAE: sparse mechanism shift VAE with an expected-edge L1 penalty (docs/models.md, *sVAE and sVAE+*).
 
     One label a per cell; ``z ~ N(m ⊙ μ_a, I)`` with hard Gumbel-sigmoid masks m from
     learned logits; label-agnostic encoder from ``log1p(x)``; NB decoder with observed
     library size that never sees the label. Loss ``mean_i[rec + β w KL] + λ · mean σ(log_alpha)``.
     ``sparsity_weight=0`` is the iVAE (masks stay on); ``prior="standard"`` the plain VAE.
+    Covariates registered by :meth:`setup_anndata` (batch, categorical, continuous) enter
+    the decoder, ``ρ = softmax(f(z, c))`` (docs/models.md, *Covariates*).
 
     Parameters
     ----------
@@ -148,6 +165,12 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         Gumbel-sigmoid temperature (1).
     prior
         ``"shift"`` (sVAE) or ``"standard"`` (N(0, I) ignoring labels: the plain-VAE baseline).
+    encode_covariates
+        Also give the covariates to the encoder, ``q(z | x, c)`` (default: decoder only,
+        as in scvi-tools). Without covariates it does nothing.
+    dispersion
+        ``"gene"`` (θ_g) or ``"gene-batch"`` (θ_bg, one per gene and batch; needs a
+        ``batch_key`` with at least two batches).
     seed
         Seeds the initial parameters and, by default, training.
 
@@ -180,10 +203,13 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         mask_logits_init: float = 5.0,
         mask_temperature: float = 1.0,
         prior: Prior = "shift",
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
         seed: int = 0,
     ) -> None:
         if not sparsity_weight >= 0:
             raise CellpertInputError(f"sparsity_weight (λ) must be >= 0, got {sparsity_weight}.")
+        _check_dispersion(dispersion)
         super().__init__(adata)
         self._build(seed, sparsity="l1", **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())
@@ -199,9 +225,12 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         control_labels: Sequence[str] | str | None = None,
         library_size_key: str = DEFAULT_LIBRARY_SIZE_KEY,
         split_key: str | None = DEFAULT_SPLIT_KEY,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         **kwargs,
     ) -> None:
-        """Register counts, one perturbation label per cell, the library size and the split.
+        """Register counts, one perturbation label per cell, the library size, the split and covariates.
 
         Parameters
         ----------
@@ -224,6 +253,15 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         split_key
             obs column with ``train`` / ``val`` / ``test`` / ``unused``; ``None``: every cell
             is a training cell.
+        batch_key, categorical_covariate_keys, continuous_covariate_keys
+            Covariates, as in scvi-tools: obs columns of the batch (e.g. the 10x lane),
+            of other categorical covariates (donor, cell line) and of continuous ones
+            (docs/models.md, *Covariates*). They enter the decoder, ``f(z, c)``; the
+            constructor's ``encode_covariates=True`` also gives them to the encoder and
+            ``dispersion="gene-batch"`` gives each batch its own θ. A missing value (or a
+            non-finite continuous one) is an error. With covariates the prior estimator
+            of the model ATE is refused (use the counterfactual one, which keeps each
+            control cell's covariates).
 
         Returns
         -------
@@ -246,7 +284,9 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         setup_method_args = cls._get_setup_method_args(**locals())
         register_screen_fields(
             cls, adata, layer=layer, library_size_key=library_size_key, split_key=split_key,
-            fields=[CategoricalObsField(LABEL_KEY, label_key)], setup_method_args=setup_method_args, **kwargs,
+            fields=[CategoricalObsField(LABEL_KEY, label_key)], setup_method_args=setup_method_args,
+            batch_key=batch_key, categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys, **kwargs,
         )  # fmt: skip
 
     # ------------------------------------------------------------------- init
@@ -258,8 +298,14 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         self.labels_ = [str(c) for c in mapping]
         controls = set(self.adata_manager.registry["setup_args"].get("control_labels") or [])
         self.control_labels_ = [lab for lab in self.labels_ if lab in controls]
+        sizes = self.covariate_sizes
+        if module_kwargs.get("dispersion") == "gene-batch" and sizes["n_batch"] <= 1:
+            raise CellpertInputError(
+                "dispersion='gene-batch' needs a batch: pass batch_key=<obs column> (two levels or more) "
+                "to setup_anndata, or use dispersion='gene'."
+            )
         with seeded(self.seed):
-            self.module = self._module_cls(n_genes, len(self.labels_), **module_kwargs)
+            self.module = self._module_cls(n_genes, len(self.labels_), **sizes, **module_kwargs)
         is_control = np.array([lab in controls for lab in self.labels_], dtype=np.float32)
         train_idx = self.split_indices("train")
         codes = self._label_codes()
@@ -364,7 +410,8 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         batch_size: int | None = None,
         split: SplitName | None = None,
     ) -> np.ndarray:
-        """Posterior means E_q[z | x] (encoder in eval mode).
+        """Posterior means E_q[z | x] (encoder in eval mode; with ``encode_covariates``,
+        E_q[z | x, c] at each cell's covariates).
 
         Parameters
         ----------
@@ -385,7 +432,7 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         self.module.eval()
         idx = self._indices(adata, indices, split)
         out = [
-            self.module.inference(t[REGISTRY_KEYS.X_KEY])["qz_m"].cpu().numpy()
+            self.module.inference(t[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(t))["qz_m"].cpu().numpy()
             for t in self._eval_batches(adata, idx, batch_size)
         ]
         return np.concatenate(out, axis=0) if out else np.zeros((0, self.module.n_latent), np.float32)
@@ -476,8 +523,8 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         return (mask * m.shift_mean)[rows]
 
     def _encode_basal(self, tensors: dict[str, torch.Tensor], sample: bool) -> torch.Tensor:
-        """Counterfactual hook: the latents of control cells, from q(z | x)."""
-        inf = self.module.inference(tensors[REGISTRY_KEYS.X_KEY])
+        """Counterfactual hook: the latents of control cells, from q(z | x[, c])."""
+        inf = self.module.inference(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))
         return inf["z"] if sample else inf["qz_m"]
 
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor:
@@ -490,6 +537,11 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
         with the learned shifts of the rows' labels (thresholded masks), ``x ~ NB(ℓ ρ(z), θ)``."""
         from cellpert.models._components import chunked_predictive_mean, nb_sample
 
+        if self.module.covariates.n_output:
+            raise CellpertInputError(
+                "the prior estimator does not take covariates; use the counterfactual estimator "
+                "(estimator='counterfactual', the default), which keeps each control cell's covariates."
+            )
         shift = dosage @ self._shifts()
 
         def draw_rho(c: int) -> torch.Tensor:
@@ -501,9 +553,14 @@ class SVAE(CounterfactualMixin, DosageLabelsMixin, LikelihoodMixin, SplitMixin, 
             n_samples=n_samples, library_size=library, transform=transform, chunk_size=chunk_size,
         )  # fmt: skip
 
-    def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """``(x, ℓ, label)`` for :meth:`SVAEModule.log_weights` (masks thresholded or frozen)."""
-        return tensors[REGISTRY_KEYS.X_KEY], tensors[LIBRARY_KEY], tensors[LABEL_KEY]
+    def _log_weight_inputs(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """``(x, ℓ, label, covariates, batch_index)`` for :meth:`SVAEModule.log_weights`
+        (masks thresholded or frozen; the last two None without covariates)."""
+        side = self.module.side_inputs(tensors)
+        return (
+            tensors[REGISTRY_KEYS.X_KEY], tensors[LIBRARY_KEY], tensors[LABEL_KEY],
+            side["covariates"], side["batch_index"],
+        )  # fmt: skip
 
 
 class SVAEPlus(SVAE):
@@ -517,6 +574,9 @@ class SVAEPlus(SVAE):
     ----------
     adata, n_latent, n_hidden, n_layers, dropout_rate, use_batch_norm, kl_beta, mask_logits_init, mask_temperature, prior, seed
         As for :class:`SVAE`.
+    encode_covariates, dispersion
+        As for :class:`SVAE`: covariates enter the decoder, and with
+        ``encode_covariates=True`` the encoder; ``"gene-batch"`` gives one θ per gene and batch.
     beta_k
         K_beta > 1 (swept {2, 5, 10}); 1 would be a flat prior, i.e. no sparsity at all.
     """
@@ -537,6 +597,8 @@ class SVAEPlus(SVAE):
         mask_logits_init: float = 5.0,
         mask_temperature: float = 1.0,
         prior: Prior = "shift",
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
         seed: int = 0,
     ) -> None:
         if not beta_k > 1:
@@ -544,6 +606,7 @@ class SVAEPlus(SVAE):
                 f"beta_k (K_beta) must be > 1, got {beta_k}: K_beta = 1 means no sparsity "
                 "(Beta(1, 1) is flat); try 2, 5 or 10."
             )
+        _check_dispersion(dispersion)
         BaseModelClass.__init__(self, adata)
         self._build(seed, sparsity="beta", **module_kwargs(locals()))
         self.init_params_ = self._get_init_params(locals())

@@ -5,7 +5,14 @@ Generative model, one perturbation label a_i per cell (combinations are their ow
 - mask      m_i ~ hard Gumbel-sigmoid(log_alpha[a_i]) ∈ {0, 1}^K (straight-through,
   temperature 1); log_alpha initialised to 5 (edges start almost all on);
 - latent    z_i ~ N(m_i ⊙ μ_{a_i}, I_K), μ_control = 0 (the control's mask is irrelevant);
-- counts    x_ig ~ NB(ℓ_i ρ_ig, θ_g), ρ_i = softmax(f(z_i)), ℓ_i observed, θ gene-wise.
+- counts    x_ig ~ NB(ℓ_i ρ_ig, θ_g), ρ_i = softmax(f(z_i[, c_i])), ℓ_i observed, θ gene-wise
+  (option: θ_bg, one per gene and batch).
+
+Covariates (option; docs/models.md, *Covariates*): the vector c_i of a cell's batch,
+categorical and continuous covariates (:class:`~cellpert.models._components.CovariateInput`)
+is appended to the decoder's input, ``f(z_i, c_i)``, and, with ``encode_covariates``, to
+the encoder's, ``q(z_i | x_i, c_i)``; without covariates nothing is appended, so such a
+module has exactly the parameters it always had.
 
 Inference: q(z_i | x_i) = N(encoder(log1p(x_i))), label-agnostic on purpose; the label is
 never given to the decoder either, so the perturbation can only act through the latent
@@ -33,6 +40,7 @@ changes the balance between the data and the prior, not the step size.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -44,6 +52,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from cellpert.models._components import (
+    CovariateModuleMixin,
     log_mean_counts,
     nb_log_prob_log_mean,
     sample_straight_through_bernoulli,
@@ -57,7 +66,7 @@ Prior = Literal["shift", "standard"]
 Sparsity = Literal["l1", "beta"]
 
 
-class SVAEModule(BaseModuleClass):
+class SVAEModule(CovariateModuleMixin, BaseModuleClass):
     """sVAE / sVAE+ / iVAE / plain-VAE module (scvi-tools torch path).
 
     Parameters
@@ -90,6 +99,15 @@ class SVAEModule(BaseModuleClass):
         Initial log_alpha (5: edges start almost all on).
     mask_temperature
         Gumbel-sigmoid temperature (1).
+    n_batch, n_cats_per_cov, n_continuous_cov
+        Covariates: levels of the batch, of each categorical covariate, and the number
+        of continuous ones (0 / empty: none). Their vector ``c_i`` enters the decoder's
+        first layer, ``ρ_i = softmax(f(z_i, c_i))``.
+    encode_covariates
+        Also give ``c_i`` to the encoder's first layer, ``q(z_i | x_i, c_i)`` (off, as in
+        scvi-tools).
+    dispersion
+        ``"gene"``: θ_g; ``"gene-batch"``: θ_bg, one per gene and batch (needs a batch).
     """
 
     def __init__(
@@ -109,6 +127,11 @@ class SVAEModule(BaseModuleClass):
         kl_beta: float = 1.0,
         mask_logits_init: float = 5.0,
         mask_temperature: float = 1.0,
+        n_batch: int = 0,
+        n_cats_per_cov: Sequence[int] = (),
+        n_continuous_cov: int = 0,
+        encode_covariates: bool = False,
+        dispersion: Literal["gene", "gene-batch"] = "gene",
     ) -> None:
         super().__init__()
         if prior not in ("shift", "standard"):
@@ -136,9 +159,15 @@ class SVAEModule(BaseModuleClass):
         # encoder, decoder (and dispersion) frozen (OOD protocol, stage 3)
         self.networks_frozen = False
 
-        # --- encoder q(z | x) from log1p(x), label-agnostic
+        # --- covariates c_i (batch, categorical, continuous); width 0 without them
+        n_cov = self._init_covariates(
+            n_batch, n_cats_per_cov, n_continuous_cov, encode_covariates=encode_covariates, dispersion=dispersion,
+        )
+
+        # --- encoder q(z | x[, c]) from log1p(x), label-agnostic; the covariates, when
+        # encoded, widen its first layer only (nothing is added without them)
         self.encoder = Encoder(
-            n_genes,
+            n_genes + (n_cov if self.encode_covariates else 0),
             n_latent,
             n_layers=n_layers,
             n_hidden=n_hidden,
@@ -146,9 +175,9 @@ class SVAEModule(BaseModuleClass):
             use_batch_norm=use_batch_norm,
             var_eps=1e-4,
         )
-        # --- decoder ρ = softmax(f(z)); the label is never an input
+        # --- decoder ρ = softmax(f(z[, c])); the label is never an input
         self.decoder_body = FCLayers(
-            n_in=n_latent,
+            n_in=n_latent + n_cov,
             n_out=n_hidden,
             n_layers=n_layers,
             n_hidden=n_hidden,
@@ -156,8 +185,9 @@ class SVAEModule(BaseModuleClass):
             use_batch_norm=use_batch_norm,
         )
         self.decoder_out = nn.Linear(n_hidden, n_genes)
-        # θ_g = exp(log_theta_g), gene-wise, initialised to 1
-        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        # θ_g = exp(log_theta_g), gene-wise (or θ_bg per batch), initialised to 1
+        shape = (n_batch, n_genes) if dispersion == "gene-batch" else (n_genes,)
+        self.log_theta = nn.Parameter(torch.zeros(shape))
 
         # --- perturbation parameters: shift means μ (labels x K) and mask logits
         if prior == "shift":
@@ -181,11 +211,20 @@ class SVAEModule(BaseModuleClass):
 
     @property
     def theta(self) -> torch.Tensor:
+        """θ: (G,), or (n_batch, G) with ``dispersion="gene-batch"``."""
         return torch.exp(self.log_theta)
+
+    def log_theta_of(self, batch_index: torch.Tensor | None) -> torch.Tensor:
+        """``log θ`` of each cell's batch (B, G), or the per-gene (G,) without a per-batch θ."""
+        if self.log_theta.dim() == 1:
+            return self.log_theta
+        if batch_index is None:
+            raise ValueError("a per-batch dispersion needs the cells' batch codes")
+        return self.log_theta[batch_index.reshape(-1).long()]
 
     # ------------------------------------------------------------- scvi hooks
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+        return {"x": tensors[REGISTRY_KEYS.X_KEY], "covariates": self.covariates(tensors)}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor]
@@ -194,11 +233,26 @@ class SVAEModule(BaseModuleClass):
             "z": inference_outputs["z"],
             "library": tensors[LIBRARY_KEY],
             "label": tensors[LABEL_KEY],
+            "covariates": self.covariates(tensors),
+            "batch_index": self.covariates.batch_index(tensors),
         }
 
+
+
+    def _with_covariates(self, h: torch.Tensor, covariates: torch.Tensor | None) -> torch.Tensor:
+        """``[h, c]`` along the features, ``c`` (B, C) broadcast over h's leading sample
+        dimensions (h: (..., B, ·)); h itself for a module without covariates."""
+        if not self.covariates.n_output:
+            return h
+        self._check_covariates(covariates)
+        c = covariates.to(h.dtype).expand(*h.shape[:-1], covariates.shape[-1])
+        return torch.cat([h, c], dim=-1)
+
     @auto_move_data
-    def inference(self, x: torch.Tensor, n_samples: int | None = None) -> dict[str, torch.Tensor]:
-        """q(z | x) from log1p(x) and a reparameterised sample of z.
+    def inference(
+        self, x: torch.Tensor, n_samples: int | None = None, covariates: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q(z | x[, c]) from log1p(x) and a reparameterised sample of z.
 
         Parameters
         ----------
@@ -206,8 +260,14 @@ class SVAEModule(BaseModuleClass):
             Counts (B, G).
         n_samples
             Draws of z; None gives one draw without a sample dimension.
+        covariates
+            (B, C) covariate vectors (:meth:`side_inputs`); used only with
+            ``encode_covariates``.
         """
-        qz_m, qz_v, _ = self.encoder(torch.log1p(x))
+        h = torch.log1p(x)
+        if self.encode_covariates:
+            h = self._with_covariates(h, covariates)
+        qz_m, qz_v, _ = self.encoder(h)
         qz_s = torch.sqrt(qz_v)
         shape = qz_m.shape if n_samples is None else (n_samples, *qz_m.shape)
         # latent z_i ~ q(z_i | x_i) = N(qz_m, qz_v), reparameterised
@@ -239,29 +299,55 @@ class SVAEModule(BaseModuleClass):
 
     @auto_move_data
     def generative(
-        self, z: torch.Tensor, library: torch.Tensor, label: torch.Tensor
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        label: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        batch_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Prior mean of z and the log NB mean ``log ℓ_i + log softmax(f(z_i))`` with log θ."""
+        """Prior mean of z and the log NB mean ``log ℓ_i + log softmax(f(z_i[, c_i]))`` with
+        log θ (per gene, or of each cell's batch)."""
         # latent prior z_i ~ N(m_i ⊙ μ_{a_i}, I) (N(0, I) for controls / the plain VAE)
         pz_m = self.prior_mean(label)
-        log_rho = torch.log_softmax(self.decoder_out(self.decoder_body(z)), dim=-1)
-        return {"log_mu": log_mean_counts(library, log_rho), "log_theta": self.log_theta, "pz_m": pz_m}
+        h = self.decoder_body(self._with_covariates(z, covariates))
+        log_rho = torch.log_softmax(self.decoder_out(h), dim=-1)
+        log_theta = self.log_theta_of(batch_index)
+        return {"log_mu": log_mean_counts(library, log_rho), "log_theta": log_theta, "pz_m": pz_m}
 
     @property
     def nb_theta(self) -> torch.Tensor:
-        """NB inverse dispersion θ (G,)."""
+        """NB inverse dispersion θ: (G,), or (n_batch, G) with ``dispersion="gene-batch"``."""
         return self.theta
 
-    def decode_rho(self, z: torch.Tensor) -> torch.Tensor:
-        """ρ = softmax(f(z)) for latents of any leading shape (..., K) -> (..., G)."""
-        flat = z.reshape(-1, z.shape[-1])
+    def nb_theta_of(self, batch_index: torch.Tensor | None) -> torch.Tensor:
+        """θ of each cell: (G,), or (B, G) with ``dispersion="gene-batch"``."""
+        return torch.exp(self.log_theta_of(batch_index))
+
+    def decode_rho(self, z: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """ρ = softmax(f(z[, c])) for latents of any leading shape (..., K) -> (..., G).
+
+        ``covariates`` (B, C) go with the last leading dimension of ``z`` (its cells).
+        """
+        zc = self._with_covariates(z, covariates)
+        flat = zc.reshape(-1, zc.shape[-1])
         rho = torch.softmax(self.decoder_out(self.decoder_body(flat)), dim=-1)
         return rho.reshape(*z.shape[:-1], rho.shape[-1])
 
-    def counterfactual_rho(self, basal: torch.Tensor, rows: torch.Tensor, effect: torch.Tensor) -> torch.Tensor:
-        """ρ of cells' latents ``z_c + D_r shift`` (``effect``: (P, T, K) shifts): (P, R, C, G)."""
+    def counterfactual_rho(
+        self,
+        basal: torch.Tensor,
+        rows: torch.Tensor,
+        effect: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ρ of cells' latents ``z_c + D_r shift`` (``effect``: (P, T, K) shifts): (P, R, C, G).
+
+        ``covariates`` (C, ·): the cells' own, kept under every row (the effect of a
+        perturbation at the cell's covariates).
+        """
         shift = torch.matmul(rows, effect)  # (P, R, K)
-        return self.decode_rho(basal[None, None] + shift[:, :, None, :])
+        return self.decode_rho(basal[None, None] + shift[:, :, None, :], covariates)
 
     # ------------------------------------------------------------------- loss
     def sparsity_penalty(self) -> torch.Tensor:
@@ -332,17 +418,26 @@ class SVAEModule(BaseModuleClass):
     # -------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def log_weights(
-        self, x: torch.Tensor, library: torch.Tensor, label: torch.Tensor, n_samples: int
+        self,
+        x: torch.Tensor,
+        library: torch.Tensor,
+        label: torch.Tensor,
+        covariates: torch.Tensor | None,
+        batch_index: torch.Tensor | None,
+        n_samples: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample terms for the ELBO and the IWELBO (eval mode: thresholded masks).
+
+        ``covariates`` and ``batch_index`` are the minibatch's (:meth:`side_inputs`; None
+        for a module without them).
 
         Returns
         -------
         ``log p(x | z_s) + log p(z_s | a, m) − log q(z_s | x)`` (S, B), ``log p(x | z_s)``
         (S, B) and the analytic KL (B,).
         """
-        inf = self.inference(x, n_samples=n_samples)
-        gen = self.generative(inf["z"], library, label)
+        inf = self.inference(x, n_samples=n_samples, covariates=covariates)
+        gen = self.generative(inf["z"], library, label, covariates, batch_index)
         log_px = nb_log_prob_log_mean(x, gen["log_mu"], gen["log_theta"])
         qz = Normal(inf["qz_m"], inf["qz_s"])
         pz = Normal(gen["pz_m"], torch.ones_like(gen["pz_m"]))

@@ -44,7 +44,9 @@ def _fit_shift_means(model: SVAE, label_codes: np.ndarray, indices: np.ndarray, 
     ``Σ_i E_q[log p(x_i | z)] − KL(q(z | x_i) ‖ N(m_a ⊙ μ_a, I))`` depends on μ_a only
     through the analytic KL, ``½ Σ_i Σ_k m_ak (μ_ak − E_q[z_ik])² + const``, whose
     minimiser is the mean of the posterior means of the label's cells on its active
-    dimensions (μ of inactive dimensions does not enter and is set to 0).
+    dimensions (μ of inactive dimensions does not enter and is set to 0). With covariates
+    this still holds: they enter the decoder (and, with ``encode_covariates``, the
+    encoder, whose means are then taken at each cell's own covariates), never the prior.
     """
     module = model.module
     latent = model.get_latent_representation(indices=indices, batch_size=batch_size)
@@ -79,7 +81,8 @@ def out_of_distribution(
     Stage 3's fit is the exact optimum: with frozen networks and fixed masks the
     objective depends on μ_a only through the analytic KL, minimised by the mean of the
     posterior means of the label's cells on its active dimensions. A plain VAE
-    (``prior="standard"``) runs the same stages (its μ-related steps do nothing).
+    (``prior="standard"``) runs the same stages (its μ-related steps do nothing). A model
+    set up with covariates scores every cell at its own covariates.
 
     The model is modified in place (save it first to keep the trained state); its
     ``history`` becomes stage 2's.
