@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cellpert.data._io import read_h5ad, save_results, to_uns, write_h5ad_atomic
+from cellpert.data._covariates import covariate_spread, find_covariate_columns
+from cellpert.data._io import read_h5ad, results_lock, save_results, to_uns, write_h5ad_atomic
 from cellpert.data._layout import (
     COMBINATION_SEP,
     CONTROL_SPELLINGS,
@@ -47,8 +48,10 @@ __all__ = [
     "PerturbationScreen",
     "as_list",
     "combination_split",
+    "covariate_spread",
     "detect_control_labels",
     "eligible_heldout_combinations",
+    "find_covariate_columns",
     "gene_log1p_stats",
     "heldout_perturbation_split",
     "is_control_spelling",
@@ -61,6 +64,7 @@ __all__ = [
     "read_split",
     "record_screen_keys",
     "recorded_screen_keys",
+    "results_lock",
     "save_results",
     "screen_description",
     "split_label",

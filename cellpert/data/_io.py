@@ -1,11 +1,39 @@
-"""Reading screens and writing results back into h5ad files, safely."""
+"""Reading screens and writing results back into h5ad files, safely.
+
+How a write into a user's file stays safe (:func:`atomic_path`, :func:`save_results`):
+
+- *crash*: the data go to a temporary file ``.<name>.<host>.<pid>.<random>.tmp`` beside
+  the target, which is flushed and atomically renamed over it, so a process killed at any
+  moment (even by SIGKILL) leaves the original file intact. Only the temporary file can
+  be left behind; the next write of the same target removes those whose writer process
+  no longer runs.
+- *disk full, permission denied, read-only file system*: the original is intact and the
+  error is one line (:class:`~cellpert.CellpertInputError`) naming the file and the fix.
+- *two writers*: every write holds an exclusive lock on ``<name>.lock`` beside the target
+  (:func:`results_lock`: an ``flock`` through the ``filelock`` library), and
+  :func:`save_results` holds it over the whole check-and-write. A second writer waits up
+  to :func:`lock_timeout_seconds` and then fails with one line. The holder removes the
+  lock file before it releases the lock when the installed ``filelock`` re-checks the
+  file after locking (filelock >= 4.2 does); otherwise, and after a process was killed
+  holding it, the empty lock file is left, which is harmless: an ``flock`` ends with its
+  process, so a left-over lock file never blocks anyone.
+- *lost updates*: :func:`save_results` refuses to replace a file that changed after the
+  AnnData was read from it with :func:`read_h5ad` (another process wrote into it
+  meanwhile; writing would drop that process's results).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,19 +42,29 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout, UnixFileLock
 
 from cellpert._errors import CellpertInputError
 
 __all__ = [
+    "atomic_path",
     "dense_memory_budget_bytes",
+    "lock_timeout_seconds",
     "read_h5ad",
+    "results_lock",
     "save_results",
     "to_uns",
     "write_h5ad_atomic",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: Environment variable that overrides the memory budget (in GiB) for dense count matrices.
 DENSE_BUDGET_ENV = "CELLPERT_MAX_DENSE_GB"
+#: Environment variable: seconds a writer waits for another process writing the same file.
+LOCK_TIMEOUT_ENV = "CELLPERT_LOCK_TIMEOUT"
+#: Seconds a writer waits for the lock of its target by default.
+DEFAULT_LOCK_TIMEOUT_S = 5.0
 
 
 def dense_memory_budget_bytes() -> int:
@@ -98,6 +136,7 @@ def read_h5ad(
     """
     path = Path(path)
     _check_path_is_h5ad(path)
+    stamp = _file_stamp(path)
     if backed:
         adata = _read_anndata(path, backed=True)
         if adata.layers.keys():
@@ -106,6 +145,7 @@ def read_h5ad(
                 f"{path} has layers ({', '.join(adata.layers.keys())}); --backed reads the counts from X "
                 "only: write a file whose X holds the raw counts."
             )
+        _remember_read(adata, path, stamp)
         return adata
     budget = dense_memory_budget_bytes() if max_dense_bytes is None else max_dense_bytes
     try:
@@ -122,7 +162,9 @@ def read_h5ad(
                 "anndata.experimental.read_elem_lazy / backed mode) or raise "
                 f"${DENSE_BUDGET_ENV} if the machine has the memory."
             )
-    return _read_anndata(path, backed=False)
+    adata = _read_anndata(path, backed=False)
+    _remember_read(adata, path, stamp)
+    return adata
 
 
 def _read_anndata(path: Path, *, backed: bool) -> ad.AnnData:
@@ -145,8 +187,206 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _target_directory(path: Path) -> Path:
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CellpertInputError(f"{directory}: no such directory; create it or choose another --out.")
+    return directory
+
+
+# ------------------------------------------------------------------------------ errors
+#: errno values of a write that failed for want of space, and how to say so.
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+#: errno values of a write that the file system refused.
+_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+#: The errno values :func:`_write_error` explains.
+_EXPLAINED = frozenset(_NO_SPACE) | _REFUSED
+#: HDF5 reports the system errno inside its message (``errno = 28, error message = ...``).
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def _errno_of(err: BaseException) -> int | None:
+    """The system errno behind ``err`` (or its cause / context), also when HDF5 only names it."""
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, OSError) and node.errno in _EXPLAINED:
+            return node.errno
+        for match in _HDF5_ERRNO.finditer(str(node)):
+            if int(match.group(1)) in _EXPLAINED:
+                return int(match.group(1))
+        node = node.__cause__ or node.__context__
+    return None
+
+
+def _write_error(path: Path, err: BaseException, *, existed: bool) -> CellpertInputError | None:
+    """The one-line error for a write of ``path`` that failed with ``err`` (None: not one we explain)."""
+    code = _errno_of(err)
+    if code is None:
+        return None
+    kept = f" ({path.name} is unchanged)" if existed else ""
+    directory = path.parent if str(path.parent) else Path(".")
+    if code in _NO_SPACE:
+        return CellpertInputError(
+            f"could not write {path}: {_NO_SPACE[code]}; free some space there or write elsewhere "
+            f"with --out{kept}."
+        )
+    if code == errno.EROFS:
+        return CellpertInputError(f"could not write {path}: read-only file system; write elsewhere with --out{kept}.")
+    return CellpertInputError(
+        f"could not write {path}: permission denied; make {directory} writable or write elsewhere "
+        f"with --out{kept}."
+    )
+
+
+# ------------------------------------------------------------------------------- locks
+def lock_timeout_seconds() -> float:
+    """Seconds a writer waits for another process writing the same file.
+
+    :data:`DEFAULT_LOCK_TIMEOUT_S`, or ``$CELLPERT_LOCK_TIMEOUT`` seconds when set.
+    """
+    env = os.environ.get(LOCK_TIMEOUT_ENV)
+    if not env:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise CellpertInputError(
+            f"${LOCK_TIMEOUT_ENV}={env!r} is not a number of seconds >= 0; set it e.g. to 30."
+        )
+    return value
+
+
+#: Whether the installed filelock re-checks, after locking, that the file it locked still
+#: has a name (filelock >= 4.2 does). Only then may a holder remove the lock file before
+#: releasing: a waiter that locked the removed file notices and locks the new one.
+_REMOVES_LOCK_FILE = hasattr(UnixFileLock, "_finalize_locked_fd")
+#: One FileLock per lock file and process, so that nested holds re-enter it.
+_LOCKS: dict[str, FileLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f"{path.name}.lock")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, mode_from: Path | None = None) -> Iterator[Path]:
+def results_lock(path: str | os.PathLike, *, timeout: float | None = None) -> Iterator[Path]:
+    """Hold the exclusive lock of ``path`` (the file ``<path>.lock`` beside it).
+
+    Every cellpert write of ``path`` holds this lock (:func:`atomic_path`), so two
+    processes never write the same file at once; hold it around a read-modify-write of
+    ``path`` to make the whole of it exclusive. Re-entrant within a thread. The lock is
+    an ``flock`` (``filelock.FileLock``): the kernel releases it when its process dies,
+    even by SIGKILL. The holder removes the lock file before releasing (see the module
+    docstring for when it is left instead).
+
+    Parameters
+    ----------
+    path
+        The file to be written.
+    timeout
+        Seconds to wait for another process holding the lock (default
+        :func:`lock_timeout_seconds`).
+
+    Yields
+    ------
+    The lock file.
+
+    Raises
+    ------
+    CellpertInputError
+        When another process holds the lock for longer than ``timeout``, or the lock file
+        cannot be created (permission denied, no space left).
+    """
+    path = Path(path)
+    _target_directory(path)
+    lock_path = _lock_file(path)
+    wait = lock_timeout_seconds() if timeout is None else float(timeout)
+    key = os.path.abspath(lock_path)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(key, FileLock(key))
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout as err:
+        raise CellpertInputError(
+            f"{path} is being written by another cellpert process (its lock {lock_path.name} was held "
+            f"for more than {wait:g} s); wait for that process to finish and run again, write elsewhere "
+            f"with --out, or wait longer with ${LOCK_TIMEOUT_ENV}=<seconds>."
+        ) from err
+    except OSError as err:
+        problem = _write_error(path, err, existed=path.exists())
+        if problem is None:
+            raise
+        raise problem from err
+    try:
+        yield lock_path
+    finally:
+        # remove the file while still holding it: a waiter that locked it re-opens the new one
+        if lock.lock_counter == 1 and _REMOVES_LOCK_FILE and isinstance(lock, UnixFileLock):
+            with contextlib.suppress(OSError):
+                os.unlink(key)
+        lock.release()
+
+
+# ------------------------------------------------------------------- temporary files
+def _host_token() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", socket.gethostname().split(".")[0])[:32] or "host"
+
+
+def _temporary_pattern(path: Path) -> re.Pattern[str]:
+    """Names of :func:`atomic_path`'s temporary files for ``path``: ``.<name>.<host>.<pid>.<random>.tmp``."""
+    return re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, as another user
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove temporary files of ``path`` left by writers of this host that no longer run.
+
+    A process killed while writing (SIGKILL, power loss of the process, OOM killer)
+    leaves its temporary file beside the target; its name holds the writer's host and
+    process id. Files of live processes, of other hosts and of other targets are kept.
+
+    Returns
+    -------
+    The files removed.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    pattern, host = _temporary_pattern(path), _host_token()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match is None or match["host"] != host or _process_exists(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            (directory / name).unlink()
+            removed.append(directory / name)
+            logger.info("removed %s, left by a writer that no longer runs", directory / name)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | os.PathLike, *, mode_from: Path | None = None, lock_timeout: float | None = None
+) -> Iterator[Path]:
     """A temporary file beside ``path`` that becomes ``path`` when the block succeeds.
 
     The block writes the temporary file; it is then flushed to disk (``fsync``), given
@@ -154,51 +394,112 @@ def atomic_path(path: str | os.PathLike, *, mode_from: Path | None = None) -> It
     atomically renamed over ``path``. If the block or any step fails, the temporary file
     is removed and an existing ``path`` is untouched. This is the one way cellpert
     replaces a file.
+
+    The whole of it holds the lock of ``path`` (:func:`results_lock`, waiting up to
+    ``lock_timeout`` seconds), and first removes temporary files of ``path`` left by
+    writers that were killed (:func:`_remove_stale_temporaries`).
+
+    Raises
+    ------
+    CellpertInputError
+        When the directory does not exist, another process holds the lock, or the write
+        fails for want of space or permission (the error names the file and the fix;
+        ``path`` is unchanged). Other errors of the block are raised as they are.
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CellpertInputError(f"{directory}: no such directory; create it or choose another --out.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    directory = _target_directory(path)
+    existed = path.exists()
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        reference = mode_from if mode_from is not None else (path if path.exists() else None)
-        if reference is not None:
-            shutil.copymode(reference, tmp)
-        else:  # mkstemp creates 0600; a new result file gets the usual umask-based mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        _fsync_directory(directory)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        with results_lock(path, timeout=lock_timeout):
+            _remove_stale_temporaries(path)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{path.name}.{_host_token()}.{os.getpid()}.", suffix=".tmp", dir=directory
+            )
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                yield tmp
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                reference = mode_from if mode_from is not None else (path if path.exists() else None)
+                if reference is not None:
+                    shutil.copymode(reference, tmp)
+                else:  # mkstemp creates 0600; a new result file gets the usual umask-based mode
+                    umask = os.umask(0)
+                    os.umask(umask)
+                    os.chmod(tmp, 0o666 & ~umask)
+                os.replace(tmp, path)
+                _fsync_directory(directory)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise
+    except OSError as err:
+        problem = _write_error(path, err, existed=existed)
+        if problem is None:
+            raise
+        raise problem from err
 
 
-def write_h5ad_atomic(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+def write_h5ad_atomic(
+    adata: ad.AnnData, path: str | os.PathLike, *, lock_timeout: float | None = None
+) -> Path:
     """Write ``adata`` to ``path`` so that ``path`` is never left half-written.
 
     The data go to a temporary file beside the target, which is flushed to disk
-    (``fsync``) and then atomically renamed over the target (:func:`atomic_path`). If
-    anything fails, the temporary file is removed and an existing target is untouched.
+    (``fsync``) and then atomically renamed over the target (:func:`atomic_path`, which
+    also holds the target's lock, waiting up to ``lock_timeout`` seconds). If anything
+    fails, the temporary file is removed and an existing target is untouched.
 
     Returns
     -------
     The path written.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, lock_timeout=lock_timeout) as tmp:
         adata.write_h5ad(tmp)
     return Path(path)
 
 
+# ------------------------------------------------------------------ lost updates
+#: What :func:`read_h5ad` saw of the file each live AnnData was read from:
+#: ``id(adata) -> (weakref to adata, real path, file stamp)``.
+_READS: dict[int, tuple[weakref.ref, str, tuple[int, ...] | None]] = {}
+
+
+def _file_stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten (device, inode, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remember_read(adata: ad.AnnData, path: Path, stamp: tuple[int, ...] | None) -> None:
+    key = id(adata)
+    ref = weakref.ref(adata, lambda _ref, key=key: _READS.pop(key, None))
+    _READS[key] = (ref, os.path.realpath(path), stamp)
+
+
+def _check_unchanged_since_read(adata: ad.AnnData, source: Path) -> None:
+    """Refuse to replace ``source`` when it changed after ``adata`` was read from it."""
+    entry = _READS.get(id(adata))
+    if entry is None or entry[0]() is not adata or entry[1] != os.path.realpath(source):
+        return
+    if _file_stamp(source) != entry[2]:
+        raise CellpertInputError(
+            f"{source} changed after it was read (another cellpert command wrote into it "
+            "meanwhile?); nothing was written, so that what was written meanwhile is kept: run "
+            "this command again."
+        )
+
+
 def save_results(
-    adata: ad.AnnData, source: str | os.PathLike, *, out: str | os.PathLike | None = None
+    adata: ad.AnnData,
+    source: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    lock_timeout: float | None = None,
 ) -> Path:
     """Write an AnnData holding new results, in place of ``source`` or to ``out``.
 
@@ -208,6 +509,11 @@ def save_results(
     ``read_h5ad(..., backed=True)``) is written without loading its counts: the file is
     copied and its in-memory elements rewritten in the copy, then renamed over the target.
 
+    The target's lock (:func:`results_lock`) is held over the whole of it: the check
+    that ``source`` did not change since ``adata`` was read with :func:`read_h5ad` (else
+    writing it back would drop what another process wrote meanwhile), the copy of a
+    backed source and the write. A process killed at any moment leaves the target intact.
+
     Parameters
     ----------
     adata
@@ -216,18 +522,43 @@ def save_results(
         The file the AnnData was read from (replaced when ``out`` is None).
     out
         Write to this new file instead and leave ``source`` as it was.
+    lock_timeout
+        Seconds to wait for another process writing the target (default
+        :func:`lock_timeout_seconds`: ``$CELLPERT_LOCK_TIMEOUT``, else 5).
+
+    Returns
+    -------
+    The path written.
+
+    Raises
+    ------
+    CellpertInputError
+        When another process is writing the target (after ``lock_timeout``), ``source``
+        changed since it was read, or the write fails for want of space or permission;
+        the target is then unchanged.
     """
-    target = Path(out) if out is not None else Path(source)
-    if adata.isbacked:
-        return _write_backed_atomic(adata, Path(source), target)
-    return write_h5ad_atomic(adata, target)
+    source = Path(source)
+    target = Path(out) if out is not None else source
+    in_place = os.path.realpath(target) == os.path.realpath(source)
+    with results_lock(target, timeout=lock_timeout):
+        if in_place:
+            _check_unchanged_since_read(adata, source)
+        if adata.isbacked:
+            written = _write_backed_atomic(adata, source, target, lock_timeout=lock_timeout)
+        else:
+            written = write_h5ad_atomic(adata, target, lock_timeout=lock_timeout)
+        if in_place and id(adata) in _READS:  # what this AnnData was read from is now this file
+            _remember_read(adata, target, _file_stamp(target))
+    return written
 
 
 #: Elements of an h5ad that a backed AnnData holds in memory (X stays on disk).
 _IN_MEMORY_ELEMENTS = ("obs", "var", "obsm", "varm", "obsp", "varp", "uns")
 
 
-def _write_backed_atomic(adata: ad.AnnData, source: Path, target: Path) -> Path:
+def _write_backed_atomic(
+    adata: ad.AnnData, source: Path, target: Path, *, lock_timeout: float | None = None
+) -> Path:
     """:func:`write_h5ad_atomic` for a backed AnnData, without loading its counts.
 
     The source file is copied (streamed) to a temporary file beside the target; the
@@ -237,7 +568,7 @@ def _write_backed_atomic(adata: ad.AnnData, source: Path, target: Path) -> Path:
     """
     from anndata.io import write_elem
 
-    with atomic_path(target, mode_from=source) as tmp:
+    with atomic_path(target, mode_from=source, lock_timeout=lock_timeout) as tmp:
         shutil.copyfile(source, tmp)
         with h5py.File(tmp, "r+") as f:
             for name in _IN_MEMORY_ELEMENTS:

@@ -137,6 +137,12 @@ def combination_split(
     combinations (in shuffled order) is used for training; the remaining combinations'
     cells are ``"unused"``. Used combinations, singles and controls are split
     ``1 - val_fraction`` / ``val_fraction`` into train / val.
+
+    Every part of a held-out combination is trained on, whatever the fraction: a part
+    with no single label keeps, besides the fraction's combinations, the next combination
+    of the shuffled order that holds it (so a small fraction can use a few more
+    combinations than ``fraction`` says), and a part whose cells all fell into val gets
+    its first val cell moved into train (only with a handful of such cells).
     """
     if not 0.0 <= fraction <= 1.0:
         raise CellpertInputError(f"--fraction {fraction} must be between 0 and 1.")
@@ -148,14 +154,34 @@ def combination_split(
     rng = np.random.default_rng(seed)
     others = [c for c in combos if c not in set(heldout)]
     others = [others[i] for i in rng.permutation(len(others))]
-    used = set(others[: int(round(fraction * len(others)))])
+    n_used = int(round(fraction * len(others)))
+    used = others[:n_used]
+    singles = set(screen.single_labels)
+    heldout_parts = sorted({p for combo in heldout for p in screen.label_parts(combo)})
+    for part in heldout_parts:  # a held-out part must stay in training (no single: a used combination)
+        if part not in singles and not any(part in screen.label_parts(c) for c in used):
+            extra = next((c for c in others[n_used:] if part in screen.label_parts(c)), None)
+            if extra is not None:  # always found: eligible_heldout_combinations kept one
+                used.append(extra)
     out = np.empty(screen.n_cells, dtype=object)
     is_combo = np.isin(screen.labels, combos)
     out[np.isin(screen.labels, heldout)] = "test"
-    out[is_combo & ~np.isin(screen.labels, list(used)) & (out != "test")] = "unused"
+    out[is_combo & ~np.isin(screen.labels, used) & (out != "test")] = "unused"
     rest = np.flatnonzero(pd.isna(pd.Series(out)).to_numpy())
     out[rest] = _assign_fractions(len(rest), (1 - val_fraction, val_fraction), rng, ("train", "val"))
+    _train_every_part(screen, out, heldout_parts)
     return out
+
+
+def _train_every_part(screen: PerturbationScreen, split: np.ndarray, parts: Sequence[str]) -> None:
+    """Move into train the first val cell of each of ``parts`` that has no train cell (in place)."""
+    labels = pd.unique(screen.labels)
+    for part in parts:
+        has_part = np.isin(screen.labels, [lab for lab in labels if part in screen.label_parts(lab)])
+        if not (has_part & (split == "train")).any():
+            in_val = np.flatnonzero(has_part & (split == "val"))
+            if len(in_val):
+                split[in_val[0]] = "train"
 
 
 def make_split(
