@@ -160,6 +160,10 @@ def parse_perturbation_labels(
                         raise CellpertInputError(
                             f"dose {d!r} of cell row {i} is not a number; fix the dose column or omit it."
                         ) from err
+                    if not np.isfinite(dose) or dose < 0:
+                        raise CellpertInputError(
+                            f"dose {d!r} of cell row {i} is negative or not finite; doses must be numbers >= 0."
+                        )
                     rows.append(i)
                     cols.append(col[p])
                     vals.append(dose)
@@ -197,6 +201,9 @@ class PerturbationScreen:
     """Library sizes, per-gene totals and sparsity from the validation pass."""
     dropped_genes: list[str] = field(default_factory=list)
     """Genes removed because they had zero counts in every cell."""
+    notes: list[str] = field(default_factory=list)
+    """What reading the labels found that the user should know (labels written in two
+    spellings, a numeric label column); reported by :meth:`problems`."""
 
     # ------------------------------------------------------------------ counts
     @property
@@ -267,8 +274,9 @@ class PerturbationScreen:
         return self.adata.var_names
 
     def problems(self) -> list[str]:
-        """Readable warnings about the screen (tiny groups, all-zero genes)."""
-        found = []
+        """Readable warnings about the screen: tiny groups, cells with zero counts,
+        all-zero genes, and the label notes of :attr:`notes`."""
+        found = list(self.notes)
         tiny = self.cells_per_label[self.cells_per_label < TINY_GROUP_CELLS]
         if len(tiny):
             shown = ", ".join(f"{k} ({v})" for k, v in tiny.head(5).items())
@@ -276,6 +284,15 @@ class PerturbationScreen:
             found.append(
                 f"{len(tiny)} perturbation group(s) have fewer than {TINY_GROUP_CELLS} cells: "
                 f"{shown}{more}; their effects will be noisy."
+            )
+        empty = self.count_summary.empty_cells
+        if empty.any():
+            names = ", ".join(map(repr, self.obs_names[empty][:3].astype(str)))
+            found.append(
+                f"{int(empty.sum())} of {self.n_cells} cells have zero total counts (e.g. {names}); they are "
+                "kept, with their library size clamped to 1 in the models and an all-zero profile in the "
+                "ATE space; if they are empty droplets, filter them (scanpy.pp.filter_cells(adata, "
+                "min_counts=1)) and write a new file."
             )
         zero = self.count_summary.all_zero_genes
         if zero.any():
@@ -333,9 +350,26 @@ def _dosage_from_obsm(adata: ad.AnnData, key: str) -> tuple[list[str], sp.csr_ma
     names = [str(c) for c in value.columns]
     if len(set(names)) != len(names):
         raise CellpertInputError(f"obsm[{key!r}] has duplicate perturbation names; make its columns unique.")
-    arr = value.to_numpy(dtype=np.float32)
-    if not np.isfinite(arr).all() or (arr < 0).any():
-        raise CellpertInputError(f"obsm[{key!r}] holds negative, NaN or infinite doses; doses must be >= 0.")
+    try:
+        arr = value.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CellpertInputError(
+            f"obsm[{key!r}] holds values that are not numbers ({first}); doses must be numbers >= 0."
+        ) from err
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        kinds = [
+            (int(np.isnan(arr).sum()), "NaN"),
+            (int(np.isinf(arr).sum()), "infinite"),
+            (int((arr < 0).sum()), "negative"),
+        ]
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise CellpertInputError(
+            f"obsm[{key!r}] holds {', '.join(f'{n} {kind}' for n, kind in kinds if n)} dose(s) (e.g. "
+            f"{arr[row, col]:g} for cell {str(adata.obs_names[row])!r} and {names[col]!r}); doses must be "
+            "finite numbers >= 0 (0: not perturbed)."
+        )
     return names, sp.csr_matrix(arr)
 
 
@@ -354,6 +388,13 @@ def _select_cells(adata: ad.AnnData, subset: str | None) -> ad.AnnData:
         adata = adata[keep].copy()
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise CellpertInputError(f"the screen is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()
+        raise CellpertInputError(
+            f"{len(dup)} cell name(s) occur more than once (e.g. {', '.join(map(repr, dup[:3].astype(str)))}); "
+            "runs record their split by cell name, so make the names unique, e.g. "
+            "adata.obs_names_make_unique(), and write the screen to a new file."
+        )
     if not adata.var_names.is_unique:
         dup = adata.var_names[adata.var_names.duplicated()].unique()
         raise CellpertInputError(
@@ -404,8 +445,8 @@ def _perturbations_from_obsm(
 def _perturbations_from_labels(
     adata: ad.AnnData, key: str, control: str | Sequence[str] | None, *,
     dose_key: str | None, require_control: bool, warn: bool,
-) -> tuple[list[str], sp.csr_matrix, np.ndarray, list[str]]:  # fmt: skip
-    """Perturbation names, D, canonical labels and control labels from ``obs[key]``.
+) -> tuple[list[str], sp.csr_matrix, np.ndarray, list[str], list[str]]:  # fmt: skip
+    """Perturbation names, D, canonical labels, control labels and notes from ``obs[key]``.
 
     Controls: ``control`` when given (an error when none occurs), else the recorded ones
     when they occur, else detected (:func:`detect_control_labels`).
@@ -421,14 +462,18 @@ def _perturbations_from_labels(
         unused = set(column.cat.categories) - set(column.unique())
         if unused and warn:
             logger.info("ignoring %d label categories with zero cells", len(unused))
-    raw = column.astype(str).to_numpy()
+    raw, notes = _label_text(column, key)
+    _check_blank_labels(raw, key, adata.obs_names)
     if control is not None:
         controls = as_list(control) or []
-        missing = [c for c in controls if c not in set(raw)]
+        distinct = set(raw)
+        missing = [c for c in controls if c not in distinct]
         if missing and len(missing) == len(controls):
+            near = sorted({lab for lab in distinct for c in missing if lab.strip().casefold() == c.strip().casefold()})
+            hint = f"; did you mean {', '.join(map(repr, near[:3]))}?" if near else "."
             raise CellpertInputError(
                 f"control label(s) {', '.join(map(repr, missing))} match no cell in obs[{key!r}]; "
-                "check the spelling (labels are case-sensitive)."
+                f"check the spelling (labels are case-sensitive){hint}"
             )
     elif recorded_control and any(c in set(raw) for c in recorded_control):
         controls = recorded_control
@@ -442,10 +487,81 @@ def _perturbations_from_labels(
     doses = None
     if dose_key is not None:
         if dose_key not in adata.obs.columns:
-            raise CellpertInputError(f"obs has no dose column {dose_key!r}; pass --dose-key with an obs column.")
+            raise CellpertInputError(f"obs has no dose column {dose_key!r}; give load_screen an existing obs column as dose_key.")
         doses = adata.obs[dose_key].astype(str).to_numpy()
     parsed = parse_perturbation_labels(raw, control=controls, doses=doses)
-    return parsed.perturbation_names, parsed.dosage, parsed.canonical_labels, list(controls)
+    notes += _spelling_notes(raw, key, parsed)
+    return parsed.perturbation_names, parsed.dosage, parsed.canonical_labels, list(controls), notes
+
+
+def _label_text(column: pd.Series, key: str) -> tuple[np.ndarray, list[str]]:
+    """The labels as text, and a note when the column holds numbers.
+
+    Numbers are read as text labels; whole floats lose their ``.0`` (``2.0`` -> ``"2"``),
+    so that ``--control 0`` matches a float column too.
+    """
+    values = column
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        values = column.astype(column.cat.categories.dtype)
+    if not (pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype)):
+        return column.astype(str).to_numpy(), []
+    arr = values.to_numpy()
+    if pd.api.types.is_float_dtype(arr.dtype) and np.all(arr == np.round(arr)):
+        arr = arr.astype(np.int64)
+    raw = arr.astype(str).astype(object)
+    shown = ", ".join(map(repr, pd.unique(raw)[:3]))
+    return raw, [
+        f"obs[{key!r}] holds numbers ({values.dtype}); they are read as text labels ({shown}, ...): "
+        "check that this is the perturbation column (--perturbation-key)."
+    ]
+
+
+def _check_blank_labels(raw: np.ndarray, key: str, obs_names: pd.Index) -> None:
+    """Raise for cells whose label is empty: "", spaces, or only separators ("+")."""
+    distinct = pd.unique(raw)
+    blank = [lab for lab in distinct if not any(split_label(lab))]
+    if not blank:
+        return
+    cells = np.isin(raw, blank)
+    first = str(obs_names[int(np.argmax(cells))])
+    raise CellpertInputError(
+        f"obs[{key!r}] has {int(cells.sum())} cell(s) with an empty label (e.g. cell {first!r}, label "
+        f"{blank[0]!r}); give them a label (the control label if they are controls) or drop them with --subset."
+    )
+
+
+def _spelling_notes(raw: np.ndarray, key: str, parsed: ParsedLabels) -> list[str]:
+    """Labels that differ only by surrounding spaces (read as one) or only by case (read as two)."""
+    notes = []
+    distinct = [str(lab) for lab in pd.unique(raw)]
+    by_text: dict[str, list[str]] = {}
+    for lab in distinct:
+        by_text.setdefault(COMBINATION_SEP.join(split_label(lab)), []).append(lab)
+    spaced = [sorted(group) for group in by_text.values() if len(group) > 1]
+    if spaced:
+        a, b = spaced[0][:2]
+        notes.append(
+            f"{len(spaced)} label(s) of obs[{key!r}] are written both with and without spaces around "
+            f"names (e.g. {a!r} and {b!r}); they are read as the same label."
+        )
+    partly = [lab for lab in distinct if "" in split_label(lab) and any(split_label(lab))]
+    if partly:
+        notes.append(
+            f"{len(partly)} label(s) of obs[{key!r}] have an empty part (e.g. {partly[0]!r}); empty parts "
+            f"are ignored: check the separators ({COMBINATION_SEP!r})."
+        )
+    by_case: dict[str, list[str]] = {}
+    for name in parsed.perturbation_names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    cased = [sorted(group) for group in by_case.values() if len(group) > 1]
+    if cased:
+        a, b = cased[0][:2]
+        notes.append(
+            f"{len(cased)} perturbation name(s) differ from another only by case (e.g. {a!r} and {b!r}); "
+            "labels are case-sensitive, so they are read as different perturbations: relabel them if "
+            "they are the same."
+        )
+    return notes
 
 
 def load_screen(
@@ -494,6 +610,52 @@ def load_screen(
         with ``backed=True``; a path only): per-cell metadata stays in memory, the count
         matrix does not, and every pass over the cells streams row chunks. Not combined
         with ``subset`` or ``drop_zero_genes`` (both would copy the matrix).
+
+    Returns
+    -------
+    The :class:`PerturbationScreen`. A file is only read, and an AnnData given is never
+    modified (``subset`` and ``drop_zero_genes`` work on copies).
+
+    Raises
+    ------
+    CellpertInputError
+        For input that cannot be used as given (see the checks below); the message is
+        one line naming the problem and the fix.
+
+    Notes
+    -----
+    Input checks. Those that look at every cell are one pass over the count matrix in
+    row chunks (:data:`cellpert.data._validate.DEFAULT_CHUNK_ROWS`); the matrix is never
+    densified.
+
+    - Counts: NaN, infinite, negative or non-integer values are an error (raw counts
+      are expected, not normalised data).
+    - Cells with zero total counts: a warning with their number; they are kept, their
+      library size is clamped to 1 by the models (log library 0) and their profile in
+      the ATE space is all zero. Filter empty droplets yourself (e.g.
+      ``scanpy.pp.filter_cells(adata, min_counts=1)``) into a new file.
+    - Duplicate cell names: an error, since a run records its split by cell name; make
+      them unique (``adata.obs_names_make_unique()``) and write a new file. Duplicate
+      gene names: an error too.
+    - Missing (NaN) labels, and empty ones (``""``, spaces only, ``"+"``): an error with
+      the number of cells.
+    - Labels that differ only by spaces around names (``"KLF1"``, ``"KLF1 "``): read as
+      one label, with a warning. Perturbation names that differ only by case
+      (``"KLF1"``, ``"Klf1"``): read as two perturbations, with a warning. A label with
+      an empty part (``"A+"``): the empty part is ignored, with a warning.
+    - A label column of numbers: read as text labels (whole floats without ``.0``, so
+      ``control="0"`` matches ``0.0``), with a warning.
+    - Doses (an obsm DataFrame or a dose column): NaN, infinite, negative or non-numeric
+      doses are an error, and so is an obsm perturbation with zero cells.
+    - No control cells (with ``require_control``) or no perturbed cells: an error. A
+      single perturbation besides the controls (a two-condition screen such as control
+      vs stimulated, the comparative model's usual input) is a valid screen, without a
+      warning.
+    - Label groups with fewer than :data:`TINY_GROUP_CELLS` cells, all-zero genes:
+      warnings.
+
+    Warnings are :class:`~cellpert.CellpertWarning` (only with ``warn``); every one is
+    also listed by :meth:`PerturbationScreen.problems`.
     """
     if backed:
         if isinstance(data, ad.AnnData) and not data.isbacked:
@@ -506,12 +668,13 @@ def load_screen(
             )
     adata = _select_cells(read_h5ad(data, backed=backed) if not isinstance(data, ad.AnnData) else data, subset)
     summary = _count_summary(adata, layer)
+    notes: list[str] = []
     if dosage_key is not None:
         key = None
         names, dosage, labels, controls = _perturbations_from_obsm(adata, dosage_key, control)
     else:
         key = _resolve_perturbation_key(adata, perturbation_key)
-        names, dosage, labels, controls = _perturbations_from_labels(
+        names, dosage, labels, controls, notes = _perturbations_from_labels(
             adata, key, control, dose_key=dose_key, require_control=require_control, warn=warn
         )
 
@@ -525,11 +688,16 @@ def load_screen(
         dosage=dosage,
         labels=np.asarray(labels, dtype=object),
         count_summary=summary,
+        notes=notes,
     )
     if require_control and not screen.is_control.any():
+        fix = (
+            f"control cells need an all-zero row in obsm[{dosage_key!r}]" if dosage_key is not None
+            else "pass --control with the label of the control cells"
+        )  # fmt: skip
         raise CellpertInputError(
             "no control cells: every cell has a perturbation, so effects relative to control "
-            "cannot be computed; pass --control with the label of the control cells."
+            f"cannot be computed; {fix}."
         )
     if screen.n_perturbations == 0:
         raise CellpertInputError("no perturbed cells: every cell is a control; check --perturbation-key.")

@@ -80,6 +80,11 @@ class CountSummary:
         """Boolean mask of genes with zero counts in every cell."""
         return self.gene_total == 0
 
+    @property
+    def empty_cells(self) -> np.ndarray:
+        """Boolean mask of cells with zero total counts (library size 0)."""
+        return self.library_size == 0
+
 
 def _values(block) -> np.ndarray:
     return block.data if sp.issparse(block) else np.asarray(block).ravel()

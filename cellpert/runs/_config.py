@@ -26,7 +26,8 @@ from cellpert.data import (
     make_split,
     read_split,
 )
-from cellpert.runs._registry import get_entry
+from cellpert.runs._registry import MODELS, get_entry
+from cellpert.runs._validate import validate_options
 
 __all__ = [
     "DATA_OPTIONS",
@@ -148,10 +149,20 @@ def resolve_run_config(
     Any argument of the model class's ``setup_anndata`` (e.g. ``background`` of the
     comparative model), constructor or ``train`` method may be given in the config file
     (e.g. ``mask_prior_prob: 0.1``); command-line options override the file.
+
+    Every option given is checked here, before any data is read or any model is built,
+    against the table of :mod:`cellpert.runs._validate` (type, range or choices): a bad
+    value raises a one-line :class:`~cellpert.CellpertInputError` that names the option,
+    the value and what is accepted. Unknown options are an error too; options the table
+    does not list pass through to the model.
     """
     file_options = read_config_file(config_file) if config_file else {}
     cli_options = {k: v for k, v in (cli_options or {}).items() if v is not None}
     name = cli_options.get("model", file_options.get("model"))
+    if name is None:
+        raise CellpertInputError(
+            f"no model given: pass --model (one of {', '.join(MODELS)}) or set model: in the config file."
+        )
     entry = get_entry(name)
     cls = entry.load_class()
     init_args, train_args, setup_args = _accepted(cls.__init__), _accepted(cls.train, _owner(cls, "train")), _setup_args(cls)
@@ -160,6 +171,9 @@ def resolve_run_config(
     if unknown:
         raise CellpertInputError(f"--model {name} does not take option(s) {', '.join(unknown)}.")
     merged = resolve_options(DATA_OPTIONS, file_options=file_options, cli_options=cli_options, known=known)
+    merged = validate_options(
+        merged, model=name, given=set(file_options) | set(cli_options), cli_options=cli_options, config_file=config_file
+    )
     data = {k: merged[k] for k in DATA_OPTIONS}
     setup_kwargs = {k: v for k, v in merged.items() if k in setup_args and v is not None}
     model_kwargs = {k: v for k, v in merged.items() if k in init_args}

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cellpert.data import as_list, load_screen, read_h5ad, save_results
+from cellpert.data import as_list, load_screen, read_h5ad, results_lock, save_results
 from cellpert.evaluate import AteEvaluation, compute_ate_evaluation, write_ate_results
 from cellpert.evaluate._evaluate import DATA_KEY
 from cellpert.runs._registry import model_key
 from cellpert.runs._rundir import load_run
+from cellpert.runs._validate import EVALUATE_OPTIONS, validate_options
 
 __all__ = ["evaluate_ate"]
 
@@ -38,6 +39,7 @@ def evaluate_ate(
     split: str = "test",
     write: bool = True,
     backed: bool | None = None,
+    level_key: str | None = "auto",
     **options: Any,
 ) -> AteEvaluation:
     """Evaluate a trained run's ATEs on its screen and write the results into the h5ad.
@@ -68,6 +70,10 @@ def evaluate_ate(
         Read the counts from disk (default: as the run was trained; without a run, in
         memory); every pass over the cells streams, and the file is written back
         without loading the counts.
+    level_key
+        ATEs within the levels of this obs column, pooled (see
+        :func:`cellpert.evaluate.compute_ate_evaluation`). ``"auto"`` (default): the
+        run's ``batch_key``, else its first categorical covariate, else none; None: none.
     **options
         Options of :func:`cellpert.evaluate.compute_ate_evaluation` (``data_cells``,
         ``estimator``, ``n_particles``, ``n_groups``, ``n_draws``, ``library_size``,
@@ -84,6 +90,12 @@ def evaluate_ate(
     AteEvaluation
         With ``path`` set to the file written.
     """
+    # every option checked before anything is read
+    checked = validate_options(
+        {**options, "split": split, "backed": backed, "level_key": None if level_key == "auto" else level_key},
+        table=EVALUATE_OPTIONS,
+    )
+    options = {k: checked[k] for k in options}
     identity: dict[str, Any] = {}
     if model_dir is not None:
         run = load_run(screen_path, model_dir, backed=backed)
@@ -108,15 +120,30 @@ def evaluate_ate(
         )
         model = None
         key = key_added or DATA_KEY
+    if level_key == "auto":
+        level_key = _default_level_key(model)
     t0 = time.perf_counter()
-    evaluation = compute_ate_evaluation(screen, model, key_added=key, iwelbo_split=split, **options)
+    evaluation = compute_ate_evaluation(
+        screen, model, key_added=key, iwelbo_split=split, level_key=level_key, **options
+    )
     evaluation.config["timings"]["total_s"] = time.perf_counter() - t0
     evaluation.config["identity"] = identity
     evaluation.config["screen"] = str(Path(screen_path).resolve())
     if not write:
         return evaluation
     # a backed screen is written back without loading its counts (cellpert.data.save_results)
-    full = read_h5ad(screen_path, backed=bool(screen.adata.isbacked))
-    write_ate_results(full, evaluation)
-    evaluation.path = save_results(full, screen_path, out=out)
+    # the read-modify-write holds the file's lock: a second writer waits instead of failing
+    with results_lock(screen_path):
+        full = read_h5ad(screen_path, backed=bool(screen.adata.isbacked))
+        write_ate_results(full, evaluation)
+        evaluation.path = save_results(full, screen_path, out=out)
     return evaluation
+
+
+def _default_level_key(model: Any) -> str | None:
+    """The covariate a model's ATEs are reported by: its batch, else its first categorical covariate."""
+    levels = getattr(model, "covariate_levels", None) or {}
+    setup = model.adata_manager.registry.get("setup_args", {}) if levels else {}
+    if setup.get("batch_key"):
+        return str(setup["batch_key"])
+    return next(iter(levels), None)

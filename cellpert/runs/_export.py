@@ -18,6 +18,7 @@ from cellpert.data import UNS_KEY, read_h5ad, save_results, to_uns
 from cellpert.evaluate import ica_rotate, mask_recovery, mcc
 from cellpert.runs._registry import model_key
 from cellpert.runs._rundir import load_run
+from cellpert.runs._validate import EXPORT_OPTIONS, validate_options
 
 __all__ = ["export_latents", "write_latents"]
 
@@ -157,6 +158,8 @@ def export_latents(
     -------
     The path written, and what was written (see :func:`write_latents`).
     """
+    checked = validate_options({"batch_size": batch_size, "ica": ica, "seed": seed, "backed": backed}, table=EXPORT_OPTIONS)
+    batch_size, seed = checked["batch_size"], checked["seed"]
     run = load_run(screen_path, model_dir, backed=backed)
     # a backed screen is written back without loading its counts (cellpert.data.save_results)
     full = read_h5ad(screen_path, backed=bool(run.screen.adata.isbacked))
