@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,10 +19,13 @@ from cellpert_cli._options import (
     quiet_libraries,
 )
 
+if TYPE_CHECKING:  # the CLI imports the library (torch) only when a command runs
+    from cellpert.runs import TrainedRun
+
 
 def train(
-    screen_path: ScreenArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)],
+    screen_path: ScreenArg = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -74,6 +77,18 @@ def train(
         str | None,
         typer.Option("--background", help="comparative: value(s) of --background-key for background cells, comma-separated (default: the control label)."),
     ] = None,
+    batch_key: Annotated[
+        str | None,
+        typer.Option("--batch-key", help="obs column of the batch (10x lane, replicate): a covariate of the decoder."),
+    ] = None,
+    covariate_keys: Annotated[
+        str | None,
+        typer.Option("--covariate-keys", help="Comma-separated obs columns of categorical covariates (donor, cell line)."),
+    ] = None,
+    continuous_covariate_keys: Annotated[
+        str | None,
+        typer.Option("--continuous-covariate-keys", help="Comma-separated obs columns of continuous covariates."),
+    ] = None,
     n_background_latent: Annotated[
         int | None, typer.Option("--n-background-latent", help="comparative: dimensions of the shared latent z.")
     ] = None,
@@ -110,6 +125,24 @@ def train(
         typer.Option("--strategy", help="Lightning strategy, e.g. ddp (several devices or CPU processes)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run in this directory from its checkpoint, with its recorded options "
+            "(give SCREEN only if the file moved).",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint-every",
+            help="Steps between checkpoints in --out/checkpoints (default 1000; 0: only on Ctrl-C or SIGTERM, "
+            "which always save one).",
+            min=0,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Train a model and save it with its config, history and split in --out.
@@ -120,9 +153,13 @@ def train(
 
         cellpert train norman.h5ad -m cpa-vae -o run_cpa --subset 'dataset == "norman19"' --split random --split-seed 0
 
-        cellpert train screen.h5ad --config samsvae.yaml --lr 1e-3
+        cellpert train screen.h5ad -o run_cfg --config samsvae.yaml --lr 1e-3
+
+        cellpert train mcfaline.h5ad -m samsvae -o run_lines --covariate-keys cell_type
 
         cellpert train kang.h5ad -m comparative -o run_cmp -p condition --background control --mode constrained
+
+        cellpert train --resume run   (after Ctrl-C or a scheduler's SIGTERM: continues from run/checkpoints)
     """
     from cellpert.runs import train_run
 
@@ -149,6 +186,9 @@ def train(
         "mode": mode,
         "background_key": background_key,
         "background": background,
+        "batch_key": batch_key,
+        "categorical_covariate_keys": covariate_keys,
+        "continuous_covariate_keys": continuous_covariate_keys,
         "n_background_latent": n_background_latent,
         "n_salient_latent": n_salient_latent,
         "penalty_weight": penalty_weight,
@@ -163,9 +203,21 @@ def train(
         "devices": devices,
         "strategy": strategy,
     }
-    run = train_run(
-        screen_path, out_dir=out, config_file=config, overwrite=overwrite, progress_bar=not quiet, **options
-    )
+    options["checkpoint_every"] = checkpoint_every
+    if resume is not None:
+        run = _resume(resume, screen_path, out=out, config=config, overwrite=overwrite, quiet=quiet, options=options)
+        if run is None:
+            return
+    else:
+        if screen_path is None or out is None:
+            from cellpert import CellpertInputError
+
+            raise CellpertInputError(
+                "give the screen and --out (e.g. cellpert train s.h5ad -m samsvae -o run), or --resume DIR."
+            )
+        run = train_run(
+            screen_path, out_dir=out, config_file=config, overwrite=overwrite, progress_bar=not quiet, **options
+        )
     if run.rank != 0:  # DDP: rank 0 reports and wrote the run directory
         return
     history = run.model.history
@@ -175,11 +227,37 @@ def train(
     typer.echo(f"trained {run.config['model']} on {run.screen.n_cells:,} cells -> {run.directory} ({shown})")
     t = run.config.get("training", {})
     if t.get("wall_time_s") is not None:
-        line = f"{t.get('steps')} steps in {t['wall_time_s']:.1f} s"
+        resumed = t.get("resumed_from_step")
+        line = f"{t.get('steps') - (resumed or 0)} steps in {t['wall_time_s']:.1f} s"
         if t.get("steps_per_s"):
             line += f" ({t['steps_per_s']:.1f} steps/s)"
+        if resumed is not None:
+            line += f", resumed at step {resumed} ({t.get('steps')} in all)"
         if t.get("best_step") is not None:
             line += f"; best validation loss at step {t['best_step']}"
         if t.get("stopped_early"):
             line += "; stopped early (validation loss no longer improving)"
         typer.echo(line)
+
+
+def _resume(resume: Path, screen_path: Path | None, *, out: Path | None, config: Path | None, overwrite: bool,
+            quiet: bool, options: dict) -> TrainedRun | None:  # fmt: skip
+    """``cellpert train --resume DIR``: the resumed run, or None when DIR had already finished."""
+    from cellpert import CellpertInputError
+    from cellpert.runs import read_run_manifest, train_run
+
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None]
+    given += ["--config"] * (config is not None) + ["--overwrite"] * overwrite
+    if out is not None and out.resolve() != resume.resolve():
+        given.append("--out")
+    if given:
+        raise CellpertInputError(
+            f"--resume continues {resume} with the options recorded in {resume / 'config.yaml'}; "
+            f"remove {', '.join(given)}."
+        )
+    manifest = read_run_manifest(resume)
+    if manifest.get("status") == "finished":
+        steps = next((s.get("step") for s in reversed(manifest.get("sessions") or []) if s.get("step") is not None), None)
+        typer.echo(f"{resume} already finished training" + (f" ({steps} steps)" if steps else "") + "; nothing to resume.")
+        return None
+    return train_run(screen_path, out_dir=resume, resume=True, progress_bar=not quiet)

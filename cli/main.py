@@ -2,6 +2,9 @@
 
 Errors the user can fix (:class:`cellpert.CellpertError`) are printed as one line
 (``error: ...``) with a non-zero exit code; ``--debug`` shows the traceback instead.
+Training stopped by Ctrl-C or SIGTERM prints one line saying where the checkpoint is and
+how to continue (``cellpert train --resume DIR``), and exits with 130 or 143 (128 + the
+signal, the shell's convention).
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from typing import Annotated
 
 import typer
 
+try:  # typer >= 0.20 ships its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
 from cellpert import __version__
 from cellpert._errors import CellpertError, CellpertWarning
 from cellpert_cli._evaluate import evaluate_ate
@@ -25,6 +33,9 @@ from cellpert_cli._train import train
 
 #: Exit code for input the user can fix; unexpected failures exit with 1.
 EXIT_INPUT_ERROR = 2
+#: Exit code after Ctrl-C (128 + SIGINT); training stopped by SIGTERM exits with 143
+#: (128 + SIGTERM), after saving a checkpoint (``cellpert train --resume DIR`` continues).
+EXIT_SIGINT = 130
 
 app = typer.Typer(
     name="cellpert",
@@ -103,6 +114,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"warning: {message}", file=sys.stderr)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _help_hint(err: UsageError) -> str:
+    """``; see 'cellpert train --help'`` for a usage error raised inside a command."""
+    ctx = getattr(err, "ctx", None)
+    return f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+
+
+def _is_training_interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is :class:`cellpert.runs.TrainingInterrupted` (looked up only once
+    training was imported, so that the CLI starts without importing torch)."""
+    cls = getattr(sys.modules.get("cellpert.models._trainingplan"), "TrainingInterrupted", None)
+    return cls is not None and isinstance(err, cls)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -110,10 +138,27 @@ def run(argv: Sequence[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
-        app(args=argv, prog_name="cellpert", standalone_mode=True)
+        # not standalone: usage errors come back as exceptions, printed below as one line
+        code = app(args=argv, prog_name="cellpert", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except NoArgsIsHelpError as err:  # `cellpert` alone: the help, as typer prints it
+        err.show()
+        return err.exit_code
+    except UsageError as err:  # typer's own checks: unknown option, --threads 0, missing argument
+        print(f"error: {_one_line(err.format_message()).rstrip('.')}{_help_hint(err)}.", file=sys.stderr)
+        return err.exit_code
+    except ClickException as err:
+        print(f"error: {_one_line(err.format_message())}", file=sys.stderr)
+        return err.exit_code
+    except typer.Abort as err:
+        if isinstance(err.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            print("error: interrupted", file=sys.stderr)
+            return EXIT_SIGINT
+        print("error: aborted", file=sys.stderr)
+        return 1
     except CellpertError as err:
         if _State.debug:
             raise
@@ -121,8 +166,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
     except Exception as err:  # anything else is our bug: still one line unless --debug
+        if _is_training_interrupted(err):  # SIGINT / SIGTERM while training: checkpoint saved
+            print(str(err), file=sys.stderr)
+            return err.exit_code
         if _State.debug:
             raise
         first = str(err).splitlines()[0] if str(err) else ""

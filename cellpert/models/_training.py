@@ -16,26 +16,56 @@ wall time, steps/s, best step). What differs is declared, not re-implemented:
   with the split's cells as ``external_indexing``);
 - a family's own ``train(...)`` takes its own options (e.g. SAMS-VAE's
   ``mask_logits_lr``) and passes them on as ``plan_kwargs`` and ``callbacks``.
+
+With ``checkpoint_dir``, training writes ``checkpoint_dir/last.ckpt`` (Lightning's
+checkpoint plus what :mod:`cellpert.models._checkpoint` adds to it) and turns SIGINT and
+SIGTERM into a checkpoint and :class:`~cellpert.models._checkpoint.TrainingInterrupted`;
+``ckpt_path`` continues from such a checkpoint through Lightning's ``trainer.fit(ckpt_path=...)``.
+On one CPU process a resumed run gives the same parameters as an uninterrupted one (same
+seed, options and data); see ``tests/test_resume.py`` for what is compared.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import os
+import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from scvi.model.base import UnsupervisedTrainingMixin
+from scvi.train import Trainer, TrainRunner
 
 from cellpert._errors import CellpertInputError
 from cellpert.models._base import resolve_epochs
+from cellpert.models._checkpoint import (
+    RunCheckpoint,
+    SameDirectoryCheckpointIO,
+    TrainingInterrupted,
+    make_resumable,
+    read_checkpoint,
+)
 from cellpert.models._datamodule import DEFAULT_BLOCK_SIZE, DEFAULT_FETCH_FACTOR
 from cellpert.models._trainingplan import WarmupAwareEarlyStopping
 
-__all__ = ["COMMON_TRAIN_DOC", "Loader", "PerturbationTrainingMixin"]
+__all__ = [
+    "COMMON_TRAIN_DOC",
+    "DEFAULT_CHECKPOINT_EVERY",
+    "Loader",
+    "PerturbationTrainingMixin",
+    "TrainingInterrupted",
+    "check_checkpoint",
+]
+
+#: Steps between two periodic checkpoints (each at the first point after them where a
+#: resume is exact).
+DEFAULT_CHECKPOINT_EVERY = 1000
 
 #: Minibatch reader: ``"random"`` (scvi-tools' loader: rows at random positions),
 #: ``"block"`` (block-shuffled reads, for counts on disk) or ``"auto"`` (block when the
@@ -69,7 +99,8 @@ COMMON_TRAIN_DOC = """
             Restore the state with the best validation loss at the end (needs validation
             cells) [family default].
         max_time
-            Cap on the training wall time, in seconds (None: no cap).
+            Cap on the training wall time, in seconds (None: no cap); a resumed run counts
+            the time of its earlier sessions (Lightning's Timer is in the checkpoint).
         seed
             Seeds data order and every draw (default: the model's ``seed``); same seed,
             same result on CPU.
@@ -91,6 +122,23 @@ COMMON_TRAIN_DOC = """
             at once (16).
         train_indices, val_indices
             Override the cells of the split (e.g. sVAE's out-of-distribution protocol).
+        checkpoint_dir
+            Write ``checkpoint_dir/last.ckpt`` every ``checkpoint_every`` steps and when
+            SIGINT (Ctrl-C) or SIGTERM arrives, at the next point where a resume is exact
+            (:class:`~cellpert.models._checkpoint.RunCheckpoint`: the end of a step
+            that is not the last of its epoch, or the end of a validated epoch); the
+            signal stops training there with
+            :class:`~cellpert.models._checkpoint.TrainingInterrupted`. None (default):
+            no checkpoints, signals as Lightning handles them.
+            :func:`cellpert.runs.train_run` sets it to ``DIR/checkpoints``.
+        checkpoint_every
+            Steps between periodic checkpoints (:data:`DEFAULT_CHECKPOINT_EVERY`; 0: only
+            on a signal).
+        ckpt_path
+            Continue from this checkpoint (same model, options and data): parameters,
+            optimiser, step and epoch, random state, position in the epoch, early
+            stopping's best state and the history so far. Checkpoints go on into
+            ``checkpoint_dir`` (default: the checkpoint's directory).
         plan_kwargs
             Extra training-plan arguments.
         **trainer_kwargs
@@ -104,8 +152,76 @@ COMMON_TRAIN_DOC = """
 """
 
 
+class _Trainer(Trainer):
+    """scvi-tools' Trainer whose ``fit`` keeps an exception for the template to raise.
+
+    scvi-tools' :class:`~scvi.train.TrainRunner` catches every exception of ``fit``,
+    prints ``Exception raised during training. <class 'NameError'>`` (the class NameError,
+    not the exception) and raises it again; Lightning's answer to SIGTERM is an exception
+    with an empty message, hence the line users saw. Here ``fit`` returns and leaves the
+    exception in ``fit_error_``. With a :class:`RunCheckpoint` among the callbacks the
+    training loader is made resumable first.
+    """
+
+    fit_error_: BaseException | None = None
+
+    def __init__(self, *args: Any, callbacks: list | None = None, **kwargs: Any) -> None:
+        # scvi-tools' Trainer turns Lightning's checkpointing off, and turned on it adds
+        # its own SaveCheckpoint (best validation loss as scvi-tools model directories,
+        # loaded at the end): a RunCheckpoint joins the callbacks after the Trainer is built
+        ours = [c for c in callbacks or [] if isinstance(c, RunCheckpoint)]
+        super().__init__(*args, callbacks=[c for c in callbacks or [] if not isinstance(c, RunCheckpoint)], **kwargs)
+        # last, as Lightning orders checkpoint callbacks (after early stopping and the plan's hooks)
+        self.callbacks = [*self.callbacks, *ours]
+
+    def fit(self, model: Any, train_dataloaders: Any = None, *args: Any, **kwargs: Any) -> None:
+        if any(isinstance(c, RunCheckpoint) for c in self.callbacks):
+            source = kwargs.get("datamodule", train_dataloaders)
+            if isinstance(source, pl.LightningDataModule):
+                make_resumable(source)
+        self.fit_error_ = None
+        try:
+            super().fit(model, train_dataloaders, *args, **kwargs)
+        except BaseException as err:  # raised again by PerturbationTrainingMixin.train
+            self.fit_error_ = err
+
+
+class _TrainRunner(TrainRunner):
+    _trainer_cls = _Trainer
+
+
+def check_checkpoint(path: str | os.PathLike, module: Any) -> dict[str, Any]:
+    """The contents of checkpoint ``path``, checked to be readable and to hold ``module``'s
+    parameters (names and shapes); a one-line :class:`~cellpert.CellpertInputError` if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellpertInputError(f"checkpoint {path} not found; give the last.ckpt that training wrote.")
+    try:
+        checkpoint = read_checkpoint(path)
+        state = checkpoint["state_dict"]
+        step = int(checkpoint["global_step"])
+    except Exception as err:  # torch's errors on a truncated or foreign file vary
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise CellpertInputError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {first}); it is truncated or not a "
+            "cellpert checkpoint: delete it to train from the start."
+        ) from err
+    expected = {f"module.{k}": tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if k.startswith("module.")}
+    if found != expected:
+        differ = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise CellpertInputError(
+            f"checkpoint {path} holds another model ({len(differ)} parameters differ, e.g. {differ[0]}); "
+            "resume with the options it was trained with, or delete it to train from the start."
+        )
+    checkpoint["global_step"] = step
+    return checkpoint
+
+
 class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
     """Template ``train()`` (see the module docstring); put it before ``BaseModelClass``."""
+
+    _train_runner_cls = _TrainRunner
 
     #: The family's defaults of the common options.
     _train_defaults: ClassVar[dict[str, Any]] = {
@@ -168,6 +284,9 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         fetch_factor: int = DEFAULT_FETCH_FACTOR,
         train_indices: Sequence[int] | None = None,
         val_indices: Sequence[int] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        ckpt_path: str | os.PathLike | None = None,
         plan_kwargs: dict | None = None,
         **trainer_kwargs: Any,
     ):
@@ -202,6 +321,20 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
                 restore_best=restore_best,
             )
             callbacks.append(self._stopper)
+        start_step = 0
+        if ckpt_path is not None:
+            start_step = check_checkpoint(ckpt_path, self.module)["global_step"]
+            trainer_kwargs["ckpt_path"] = str(ckpt_path)
+            if checkpoint_dir is None:  # the checkpoint's loader and history state need a RunCheckpoint
+                checkpoint_dir = Path(ckpt_path).parent
+        checkpointer = None
+        if checkpoint_dir is not None:
+            every = DEFAULT_CHECKPOINT_EVERY if checkpoint_every is None else int(checkpoint_every)
+            if every < 0:
+                raise CellpertInputError(f"checkpoint_every must be a number of steps >= 0, not {checkpoint_every}.")
+            checkpointer = RunCheckpoint(checkpoint_dir, every_n_steps=every)
+            callbacks.append(checkpointer)
+            trainer_kwargs.setdefault("plugins", [SameDirectoryCheckpointIO()])
         if gradient_clip_val is not None:
             trainer_kwargs["gradient_clip_val"] = gradient_clip_val
         if max_time is not None:
@@ -221,6 +354,7 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
             else {"datasplitter_kwargs": {"external_indexing": self.external_indexing(self.adata.n_obs, train_idx, val_idx)}}
         )
         pl.seed_everything(seed, workers=True, verbose=False)
+        was_trained = bool(getattr(self, "is_trained_", False))
         start = time.perf_counter()
         out = UnsupervisedTrainingMixin.train(
             self,
@@ -239,16 +373,22 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         )
         wall = time.perf_counter() - start
         trainer = getattr(self, "trainer", None)
+        error = getattr(trainer, "fit_error_", None)
+        if error is not None:
+            self.is_trained_ = was_trained
+            raise _interruption(error, trainer, checkpointer)
         steps = int(trainer.global_step) if trainer is not None else total_steps
         self.training_summary_ = {
             "steps": steps,
             "epochs": int(trainer.current_epoch) if trainer is not None else max_epochs,
             "wall_time_s": round(wall, 3),
-            "steps_per_s": round(steps / wall, 3) if wall > 0 else None,
+            "steps_per_s": round((steps - start_step) / wall, 3) if wall > 0 else None,
             "max_steps": max_steps,
             "stopped_early": bool(self._stopper is not None and self._stopper.stopped_epoch is not None),
             "patience": early_stopping_patience if early_stopping else None,
         }
+        if ckpt_path is not None:
+            self.training_summary_["resumed_from_step"] = start_step
         if self._stopper is not None and self._stopper.best_step is not None:
             self.best_step_ = self._stopper.best_step
             self.best_epoch_ = self._stopper.best_epoch
@@ -256,3 +396,22 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
             self.training_summary_.update(best_step=self.best_step_, best_validation_loss=self.best_validation_loss_)
         self.module.eval()
         return out
+
+
+def _interruption(error: BaseException, trainer: Any, checkpointer: RunCheckpoint | None) -> BaseException:
+    """What ``train`` raises for an exception of ``fit``: a :class:`TrainingInterrupted`
+    for a signal, the exception itself otherwise."""
+    if isinstance(error, TrainingInterrupted):
+        return error
+    step = int(getattr(trainer, "global_step", 0) or 0)
+    saved = checkpointer.path if checkpointer is not None and checkpointer.path.is_file() else None
+    # Lightning answers KeyboardInterrupt with sys.exit(1) (its "graceful shutdown")
+    if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
+        if checkpointer is None or checkpointer.signal is None:
+            return error.__context__
+        return TrainingInterrupted(signal.SIGINT, step=step, checkpoint=saved, immediate=True)
+    if isinstance(error, KeyboardInterrupt) and checkpointer is not None and checkpointer.signal is not None:
+        return TrainingInterrupted(signal.SIGINT, step=step, checkpoint=saved, immediate=True)
+    if isinstance(error, SIGTERMException):  # Lightning's own SIGTERM handling (no checkpoint_dir)
+        return TrainingInterrupted(signal.SIGTERM, step=step, checkpoint=saved)
+    return error

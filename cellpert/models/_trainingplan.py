@@ -19,6 +19,9 @@ each metric once at the end of the epoch, under the same names and with the same
 
 Under DDP the sums are all-reduced before the means are taken. The progress bar shows
 the running mean of the epoch's training loss, refreshed every ``progress_every`` steps.
+
+Checkpoints and resume: :mod:`cellpert.models._checkpoint` (the plan saves its partial
+epoch sums and ``loss_kwargs`` in a checkpoint, :meth:`EpochMetricsMixin.on_save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,18 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
 
-__all__ = ["CellpertTrainingPlan", "EpochMetricsMixin", "WarmupAwareEarlyStopping"]
+__all__ = [
+    "CellpertTrainingPlan",
+    "EpochMetricsMixin",
+    "WarmupAwareEarlyStopping",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +71,8 @@ class EpochMetricsMixin:
 
     def _flush_epoch(self, mode: str, metrics: dict | None) -> None:
         store = self._epoch_store(mode)
+        # what this epoch logs, for a checkpoint taken before Lightning hands it to the logger
+        logged = self.__dict__.setdefault("_epoch_logged", {})[mode] = {}
         if store:
             names = list(store)
             device = self.device if hasattr(self, "device") else torch.device("cpu")
@@ -78,9 +88,10 @@ class EpochMetricsMixin:
                 torch.distributed.all_reduce(sums)
             for n, (total, count) in zip(names, sums, strict=True):
                 if float(count) > 0:
+                    logged[n] = float(total / count)
                     self.log(
                         n,
-                        float(total / count),
+                        logged[n],
                         on_step=False,
                         on_epoch=True,
                         prog_bar=n == "train_loss",
@@ -88,6 +99,8 @@ class EpochMetricsMixin:
             store.clear()
         if metrics:
             self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=self.use_sync_dist)
+            if mode == "train":  # Lightning computes them the same way, from the cache
+                logged.update({name: float(metric.compute()) for name, metric in metrics.items()})
 
     # ------------------------------------------------------------ scvi overrides
     def compute_and_log_metrics(self, loss_output: LossOutput, metrics: dict, mode: str) -> None:
@@ -146,6 +159,40 @@ class EpochMetricsMixin:
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         self._flush_epoch("train", self.train_metrics)
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add what a mid-epoch resume needs and Lightning does not save: the epoch's
+        partial sums, the ELBO metrics' states and the numeric ``loss_kwargs`` (the KL
+        weight, the comparative model's multiplier λ)."""
+        super().on_save_checkpoint(checkpoint)
+        metrics = {}
+        for mode in ("train", "validation"):
+            collection = getattr(self, "train_metrics" if mode == "train" else "val_metrics", None) or {}
+            for name, metric in collection.items():
+                metrics[name] = {k: torch.as_tensor(v).detach().cpu().clone() for k, v in metric.metric_state.items()}
+        sums = {
+            mode: {name: [torch.as_tensor(t).detach().cpu().clone(), float(c)] for name, (t, c) in store.items()}
+            for mode, store in self.__dict__.get("_epoch_sums", {}).items()
+        }
+        loss_kwargs = {k: _number(v) for k, v in getattr(self, "loss_kwargs", {}).items() if _number(v) is not None}
+        checkpoint["cellpert_plan"] = {"epoch_sums": sums, "metrics": metrics, "loss_kwargs": loss_kwargs}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` added."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("cellpert_plan")
+        if not state:
+            return
+        self.loss_kwargs.update(state.get("loss_kwargs", {}))
+        stores = self.__dict__.setdefault("_epoch_sums", {})
+        for mode, store in state.get("epoch_sums", {}).items():
+            stores[mode] = {name: (total, float(count)) for name, (total, count) in store.items()}
+        for mode in ("train", "validation"):
+            collection = getattr(self, "train_metrics" if mode == "train" else "val_metrics", None) or {}
+            for name, metric in collection.items():
+                for key, value in state.get("metrics", {}).get(name, {}).items():
+                    setattr(metric, key, value.to(getattr(metric, key).device))
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -257,3 +304,32 @@ class WarmupAwareEarlyStopping(pl.Callback):
         if self.restore_best and self._state is not None:
             pl_module.module.load_state_dict(self._state)
             logger.info("restored the state of epoch %s (%s = %.4f)", self.best_epoch, self.monitor, self.best_score)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters and the best state, saved in Lightning's checkpoints."""
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "stopped_epoch": self.stopped_epoch,
+            "wait": self._wait,
+            "best_state": self._state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (when training resumes from a checkpoint)."""
+        self.best_score = float(state_dict["best_score"])
+        self.best_epoch = state_dict["best_epoch"]
+        self.best_step = state_dict["best_step"]
+        self.stopped_epoch = state_dict["stopped_epoch"]
+        self._wait = int(state_dict["wait"])
+        self._state = state_dict["best_state"]
+
+
+def _number(value: Any) -> float | int | bool | None:
+    """A plain number for a number or a 0-d tensor (None for anything else)."""
+    if isinstance(value, bool | int | float):
+        return value
+    if torch.is_tensor(value) and value.dim() == 0:
+        return value.item()
+    return None

@@ -8,7 +8,10 @@ Layers go one way (checked by import-linter in ``make test``)::
 - :func:`resolve_run_config`, :func:`read_config_file`: options from defaults, a config
   file and the command line;
 - :func:`train_run`, :func:`load_run`, :class:`TrainedRun`: train and save a run
-  directory, load it back (checking genes and perturbations);
+  directory (checkpointed; ``resume=True`` continues an interrupted one,
+  :class:`TrainingInterrupted` is what SIGINT / SIGTERM raise), load it back (checking
+  the format version, the model file's checksum, genes and perturbations);
+  :func:`read_run_manifest`: a run's provenance and status (``run.json``);
 - :func:`export_latents` (file) and :func:`write_latents` (in memory): latents and global
   outputs into an AnnData;
 - :func:`evaluate_ate`: the file-level ATE evaluation (in memory:
@@ -27,14 +30,25 @@ from cellpert.runs._config import (
 from cellpert.runs._evaluate import evaluate_ate
 from cellpert.runs._export import export_latents, write_latents
 from cellpert.runs._registry import MODELS, ModelEntry, get_entry, model_key
-from cellpert.runs._rundir import TrainedRun, load_run, read_run_config, write_run_directory
-from cellpert.runs._train import train_run
+from cellpert.runs._rundir import (
+    RUN_FORMAT_VERSION,
+    TrainedRun,
+    checkpoint_path,
+    load_run,
+    read_run_config,
+    read_run_manifest,
+    write_run_directory,
+)
+from cellpert.runs._train import TrainingInterrupted, train_run
 
 __all__ = [
     "DATA_OPTIONS",
     "MODELS",
     "ModelEntry",
+    "RUN_FORMAT_VERSION",
     "TrainedRun",
+    "TrainingInterrupted",
+    "checkpoint_path",
     "evaluate_ate",
     "export_latents",
     "get_entry",
@@ -42,6 +56,7 @@ __all__ = [
     "model_key",
     "read_config_file",
     "read_run_config",
+    "read_run_manifest",
     "resolve_options",
     "resolve_run_config",
     "train_run",
