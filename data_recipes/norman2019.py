@@ -1,10 +1,14 @@
 """Norman et al. 2019 (K562 CRISPRa, single and double perturbations; GEO GSE133344).
 
-Run ``python -m data_recipes.norman2019 --out data/norman2019.h5ad`` to download the four
-raw GEO files (about 1.3 GB in all) into ``--cache-dir`` and write a cellpert-ready screen:
-raw counts (CSR float32) of single-identity, well-covered cells, labels such as ``"CEBPE"``,
+``python -m data_recipes.norman2019`` downloads the four raw GEO files (about 1.3 GB in
+all; not checked here) into ``--raw-dir`` and writes a cellpert-ready screen: raw counts
+(CSR float32) of single-identity, well-covered cells, labels such as ``"CEBPE"``,
 ``"CBL+UBASH3A"`` and ``"control"``, and the 5,000 Seurat-v3 highly variable genes (plus
-the measured target genes). :func:`preprocess_norman2019` does the same offline.
+the measured target genes). ``--input DIR`` uses the four files from a folder instead
+(no network). :func:`preprocess_norman2019` is the offline part.
+
+Checksums: GEO publishes none for supplementary files, so the first download records each
+file's sha256 in ``<file>.sha256`` and later downloads (and reuses) are checked against it.
 """
 
 from __future__ import annotations
@@ -20,18 +24,24 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellpert.data import record_screen_keys, to_uns, write_h5ad_atomic
 from data_recipes._common import (
+    MtxSource,
     RecipeError,
-    download,
-    read_mtx_cells,
+    RecipeSummary,
+    RemoteFile,
+    add_io_arguments,
+    count_matrix_from_mtx,
+    fetch,
+    row_blocks,
     run_main,
-    select_genes_in_memory,
+    verify_local,
+    write_screen,
 )
 
 __all__ = [
     "FILES",
     "GEO_BASE",
+    "REMOTE_FILES",
     "download_norman2019",
     "guide_identity_to_label",
     "main",
@@ -49,9 +59,16 @@ FILES = {
     "barcodes": f"{PREFIX}barcodes.tsv.gz",
     "identities": f"{PREFIX}cell_identities.csv.gz",
 }
+#: What is downloaded. No published checksums (GEO has none): verified against the sidecar.
+REMOTE_FILES = tuple(
+    RemoteFile(name=name, url=GEO_BASE + name, note="no published checksum (GEO)")
+    for name in FILES.values()
+)
 CONTROL = "control"
 #: Guide-identity parts starting with this mean "no target" (non-targeting guides).
 NEG_CTRL_PREFIX = "NegCtrl"
+DEFAULT_OUT = Path("data/norman2019.h5ad")
+DEFAULT_RAW_DIR = Path("data/raw/norman2019")
 
 
 def guide_identity_to_label(identity: str, *, control: str = CONTROL) -> str:
@@ -67,12 +84,18 @@ def guide_identity_to_label(identity: str, *, control: str = CONTROL) -> str:
     return "+".join(targets) if targets else control
 
 
-def download_norman2019(cache_dir: str | os.PathLike, *, base_url: str = GEO_BASE) -> Path:
-    """Download the four raw GEO files into ``cache_dir`` (skipping those already there)."""
-    cache_dir = Path(cache_dir)
-    for name in FILES.values():
-        download(base_url + name, cache_dir / name)
-    return cache_dir
+def download_norman2019(
+    raw_dir: str | os.PathLike,
+    *,
+    mirror: str | None = None,
+    progress: bool = True,
+    verify: bool = True,
+    **kwargs,
+) -> Path:
+    """Download the four raw GEO files into ``raw_dir`` (reusing, after a check, those already there)."""
+    for remote in REMOTE_FILES:
+        fetch(remote, raw_dir, mirror=mirror, progress=progress, verify=verify, **kwargs)
+    return Path(raw_dir)
 
 
 def _read_table_lines(path: Path) -> list[list[str]]:
@@ -86,7 +109,11 @@ def _as_bool(values: pd.Series) -> np.ndarray:
     return values.astype(str).str.strip().str.lower().isin(["true", "1", "yes"]).to_numpy()
 
 
-def _raw_paths(raw_dir: Path) -> dict[str, Path]:
+def raw_paths(raw_dir: str | os.PathLike) -> dict[str, Path]:
+    """The four GSE133344 files in ``raw_dir`` (gzipped or not), by role."""
+    raw_dir = Path(raw_dir)
+    if raw_dir.is_file():  # --input pointing at one of the files: use its folder
+        raw_dir = raw_dir.parent
     paths = {}
     for role, name in FILES.items():
         path = raw_dir / name
@@ -103,43 +130,49 @@ def _raw_paths(raw_dir: Path) -> dict[str, Path]:
 
 def preprocess_norman2019(
     raw_dir: str | os.PathLike,
-    out: str | os.PathLike | None = None,
+    out: str | os.PathLike,
     *,
     n_top_genes: int | None = 5000,
     keep_target_genes: bool = True,
-    chunk_lines: int = 20_000_000,
-) -> ad.AnnData:
+    chunk_lines: int = 10_000_000,
+    write_rows: int = 10_000,
+) -> RecipeSummary:
     """Build the cellpert screen from the raw GEO files of GSE133344 (no download).
 
-    Steps: read the 10x matrix (genes x cells) and transpose it to cells x genes; keep
-    cells listed in ``cell_identities`` with exactly one guide identity
-    (``number_of_cells == 1``) and ``good_coverage``; map ``guide_identity`` to labels
-    (:func:`guide_identity_to_label`); pick ``n_top_genes`` highly variable genes with
-    scanpy's Seurat-v3 method on the raw counts of the kept cells; store integer counts.
+    Steps: keep cells listed in ``cell_identities`` with exactly one guide identity
+    (``number_of_cells == 1``) and ``good_coverage`` (barcodes listed twice are dropped
+    as ambiguous; cells keep the matrix's order); map ``guide_identity`` to labels
+    (:func:`guide_identity_to_label`); pick ``n_top_genes`` Seurat-v3 highly variable genes
+    on the raw counts of the kept cells (the same genes as scanpy's
+    ``highly_variable_genes(flavor="seurat_v3")``, computed from streamed passes over the
+    Matrix Market file, which is never loaded whole); write the counts of the kept cells
+    and genes in blocks of ``write_rows`` rows.
 
     Parameters
     ----------
     raw_dir
-        Folder holding the four ``GSE133344_raw_*`` files (gzipped or not).
+        Folder holding the four ``GSE133344_raw_*`` files (gzipped or not), or one of them.
     out
-        Write the screen here (atomically); None only returns it.
+        The ``.h5ad`` to write (atomically: nothing is left there on error).
     n_top_genes
         Highly variable genes to keep (the SAMS-VAE paper used 5,000); None or 0 keeps
-        every gene.
+        every gene (and reads the matrix once instead of three times).
     keep_target_genes
         Also keep the perturbed genes that are measured, even when not highly variable
         (so the screen can have a few more than ``n_top_genes`` genes).
     chunk_lines
-        Matrix Market lines parsed at a time (memory: about 40 bytes per line).
+        Matrix Market entries parsed at a time (memory: about 40 bytes each).
+    write_rows
+        Rows per block written to ``out``.
 
     Returns
     -------
-    AnnData (cells x genes) with
+    :class:`~data_recipes._common.RecipeSummary`. The file holds
 
     - ``X``: raw counts, CSR float32;
     - ``obs["perturbation"]`` (``"A"``, ``"A+B"``, ``"control"``), ``obs["guide_identity"]``,
       ``obs["gemgroup"]``, ``obs["n_counts"]`` (library size over all genes, before gene
-      selection), ``obs["UMI_count"]``;
+      selection), ``obs["UMI_count"]`` (guide UMIs);
     - ``var["gene_id"]`` (Ensembl), ``var["gene_symbol"]``, ``var["highly_variable"]``,
       ``var["highly_variable_rank"]``, ``var["is_target"]``; ``var_names`` are the symbols,
       made unique;
@@ -147,93 +180,149 @@ def preprocess_norman2019(
       :func:`cellpert.data.record_screen_keys`) and ``uns["cellpert"]["recipe"]`` (source
       and options).
     """
-    raw_dir = Path(raw_dir)
-    paths = _raw_paths(raw_dir)
-
+    paths = raw_paths(raw_dir)
     genes = _read_table_lines(paths["genes"])
     gene_ids = [row[0] for row in genes]
-    symbols = [row[1] if len(row) > 1 else row[0] for row in genes]
+    symbols = np.asarray([row[1] if len(row) > 1 else row[0] for row in genes], dtype=object)
     barcodes = [row[0] for row in _read_table_lines(paths["barcodes"])]
-    ident = pd.read_csv(paths["identities"])
+    try:
+        ident = pd.read_csv(paths["identities"])
+    except (OSError, EOFError, pd.errors.ParserError) as err:
+        raise RecipeError(
+            f"{paths['identities'].name} cannot be read ({err}); is the file complete?"
+        ) from err
     need = {"cell_barcode", "guide_identity", "number_of_cells", "good_coverage"}
     if missing := need - set(ident.columns):
-        raise RecipeError(f"{paths['identities'].name} lacks column(s) {', '.join(sorted(missing))}.")
+        raise RecipeError(
+            f"{paths['identities'].name} lacks column(s) {', '.join(sorted(missing))}."
+        )
     ident = ident.drop_duplicates("cell_barcode", keep=False).set_index("cell_barcode")
     good = (ident["number_of_cells"] == 1).to_numpy() & _as_bool(ident["good_coverage"])
     ident = ident[good]
     bc = pd.Index(barcodes)
     pos = bc.get_indexer(ident.index)
-    ident = ident[pos >= 0]
     cols = np.sort(pos[pos >= 0])  # keep the matrix's cell order
-    ident = ident.loc[bc[cols]]
     if len(cols) == 0:
         raise RecipeError("no cell passes the filters (one guide identity, good coverage).")
-    logger.info("%d of %d barcodes pass the filters; reading %s", len(cols), len(barcodes), paths["matrix"])
-
-    X = read_mtx_cells(paths["matrix"], cols, n_genes=len(gene_ids), n_barcodes=len(barcodes), chunk_lines=chunk_lines)
-    n_counts = np.asarray(X.sum(axis=1)).ravel()
+    ident = ident.loc[bc[cols]]
+    logger.info("%d of %d barcodes pass the filters", len(cols), len(barcodes))
 
     labels = [guide_identity_to_label(g) for g in ident["guide_identity"].astype(str)]
+    targets = {p for lab in labels if lab != CONTROL for p in lab.split("+")}
+    is_target = np.isin(symbols, list(targets))
+    missing_targets = sorted(targets - set(symbols))
+    if missing_targets:
+        logger.info(
+            "%d target(s) are not measured: %s",
+            len(missing_targets),
+            ", ".join(missing_targets[:10]),
+        )
+
+    if n_top_genes and n_top_genes < len(gene_ids):
+        logger.info(
+            "reading %s three times (moments, clipped moments, counts)", paths["matrix"].name
+        )
+    counts = count_matrix_from_mtx(
+        [MtxSource(paths["matrix"], cols, len(barcodes))],
+        n_genes=len(gene_ids),
+        n_top_genes=n_top_genes,
+        also_keep=is_target if keep_target_genes else None,
+        chunk_lines=chunk_lines,
+    )
+    g = counts.genes
+
     obs = pd.DataFrame(index=pd.Index(ident.index.astype(str), name="cell_barcode"))
     obs["perturbation"] = pd.Categorical(labels)
     obs["guide_identity"] = pd.Categorical(ident["guide_identity"].astype(str))
     if "gemgroup" in ident.columns:
         obs["gemgroup"] = ident["gemgroup"].to_numpy()
-    obs["n_counts"] = n_counts.astype(np.float64)
+    obs["n_counts"] = counts.n_counts
     if "UMI_count" in ident.columns:
         obs["UMI_count"] = ident["UMI_count"].to_numpy()
-    var_names = ad.utils.make_index_unique(pd.Index(symbols))
-    var = pd.DataFrame({"gene_id": gene_ids, "gene_symbol": symbols}, index=var_names)
-    adata = ad.AnnData(X=X, obs=obs, var=var)
-
-    targets = {p for lab in labels if lab != CONTROL for p in lab.split("+")}
-    adata.var["is_target"] = adata.var["gene_symbol"].isin(targets).to_numpy()
-    missing_targets = sorted(targets - set(adata.var["gene_symbol"]))
-    if missing_targets:
-        logger.info("%d target(s) are not measured: %s", len(missing_targets), ", ".join(missing_targets[:10]))
-
-    adata = select_genes_in_memory(
-        adata, n_top_genes, also_keep=adata.var["is_target"].to_numpy() if keep_target_genes else None
+    var = pd.DataFrame(
+        {"gene_id": np.asarray(gene_ids, dtype=object)[g], "gene_symbol": symbols[g]},
+        index=ad.utils.make_index_unique(pd.Index(symbols.astype(str)))[g],
     )
+    if counts.hvg is None:
+        var["highly_variable"] = True
+        var["highly_variable_rank"] = np.nan
+    else:
+        var["highly_variable"] = counts.hvg["highly_variable"].to_numpy()[g]
+        var["highly_variable_rank"] = (
+            counts.hvg["highly_variable_rank"].to_numpy()[g].astype(np.float64)
+        )
+    var["is_target"] = is_target[g]
 
-    record_screen_keys(adata, perturbation_key="perturbation", control=CONTROL)
-    adata.uns["cellpert"]["recipe"] = to_uns(
-        {
+    return write_screen(
+        out,
+        obs=obs,
+        var=var,
+        blocks=row_blocks(counts.X, write_rows),
+        perturbation_key="perturbation",
+        control=CONTROL,
+        recipe={
             "name": "norman2019",
             "source": "GEO GSE133344 (Norman et al. 2019, Science)",
-            "urls": [GEO_BASE + name for name in FILES.values()],
+            "urls": [r.url for r in REMOTE_FILES],
             "cell_filter": "number_of_cells == 1 and good_coverage",
             "n_top_genes": int(n_top_genes or 0),
             "hvg_flavor": "seurat_v3",
             "keep_target_genes": bool(keep_target_genes),
-        }
+        },
     )
-    if out is not None:
-        write_h5ad_atomic(adata, out)
-        logger.info("wrote %s (%d cells x %d genes)", out, adata.n_obs, adata.n_vars)
-    return adata
 
 
-def _cli(argv: Sequence[str] | None) -> None:
+def _cli(argv: Sequence[str] | None) -> RecipeSummary:
     parser = argparse.ArgumentParser(
         prog="python -m data_recipes.norman2019",
         description="Download Norman 2019 (GEO GSE133344) and write a cellpert-ready .h5ad.",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output .h5ad")
-    parser.add_argument("--cache-dir", type=Path, default=Path("data/raw/norman2019"), help="where the raw GEO files go")
-    parser.add_argument("--n-top-genes", type=int, default=5000, help="highly variable genes (0 = all genes)")
+    add_io_arguments(
+        parser,
+        default_out=DEFAULT_OUT,
+        default_raw_dir=DEFAULT_RAW_DIR,
+        input_help="folder with the four GSE133344_raw_* files you already have (or one of them).",
+    )
+    parser.add_argument(
+        "--n-top-genes", type=int, default=5000, help="highly variable genes (0 = all genes)"
+    )
     parser.add_argument(
         "--no-keep-target-genes",
         dest="keep_target_genes",
         action="store_false",
         help="keep exactly the highly variable genes (drop measured target genes that are not HVGs)",
     )
-    parser.add_argument("--base-url", default=GEO_BASE, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--chunk-lines", type=int, default=10_000_000, help="matrix entries parsed at a time"
+    )
+    parser.add_argument(
+        "--base-url", dest="mirror", help=argparse.SUPPRESS
+    )  # older spelling of --mirror
     args = parser.parse_args(argv)
-    if not args.out.parent.exists():
-        args.out.parent.mkdir(parents=True)
-    download_norman2019(args.cache_dir, base_url=args.base_url)
-    preprocess_norman2019(args.cache_dir, args.out, n_top_genes=args.n_top_genes, keep_target_genes=args.keep_target_genes)
+    if args.input is not None:
+        paths = raw_paths(args.input)
+        for path in paths.values():
+            logger.info(
+                verify_local(path, progress=args.progress)
+                if args.verify
+                else f"{path.name}: not verified"
+            )
+        raw_dir = paths["matrix"].parent
+    else:
+        raw_dir = download_norman2019(
+            args.raw_dir,
+            mirror=args.mirror,
+            progress=args.progress,
+            verify=args.verify,
+            retries=args.retries,
+        )
+    return preprocess_norman2019(
+        raw_dir,
+        args.out,
+        n_top_genes=args.n_top_genes,
+        keep_target_genes=args.keep_target_genes,
+        chunk_lines=args.chunk_lines,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
