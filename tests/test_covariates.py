@@ -20,6 +20,7 @@ from cellpert.evaluate import (
     level_weights,
     pool_frames,
     pooled_ate,
+    write_ate_report,
     write_ate_results,
 )
 from cellpert.models import SAMSVAE, prepare_anndata
@@ -171,12 +172,14 @@ def test_counterfactual_by_level_pools_the_per_level_draws(batched_model):
     np.testing.assert_allclose(pooled.ate.to_numpy(), by_hand.to_numpy(), rtol=1e-6, atol=1e-9)
 
 
-def test_evaluation_by_level_writes_per_level_results(batched_model):
+def test_evaluation_by_level_writes_per_level_results(batched_model, tmp_path):
     screen, model = batched_model
     ev = compute_ate_evaluation(screen, model, n_draws=3, iwelbo_samples=3, level_key="batch", ceiling=False)
     assert list(ev.per_level.index) == ["b0", "b1"]
     assert {"model_pearson", "average_pearson", "weight"} <= set(ev.per_level.columns)
     assert "within each level of obs['batch']" in ev.config["target"]
+    report = write_ate_report(ev, tmp_path / "r.html")
+    assert "Per level of batch" in report.read_text()
     written = write_ate_results(screen.adata.copy(), ev)
     assert "varm/ate_model_level_b0" in written and "varm/ate_data_level_b1" in written
     with pytest.raises(CellpertInputError, match="counterfactual estimator"):

@@ -94,3 +94,20 @@ def test_to_uns_round_trips_through_h5ad(tmp_path):
     cfg = ad.read_h5ad(path).uns["cfg"]
     assert cfg["none"] == "None" and list(cfg["names"]) == ["a", "b"]
     np.testing.assert_allclose(cfg["nested"]["x"], [1.5, 2.0])
+
+
+def test_long_passes_over_the_cells_show_progress(monkeypatch, capsys):
+    """A streamed pass over many cells shows a progress bar on stderr (issue 16: a long read
+    must not look like a hang); small passes and CELLPERT_PROGRESS=0 show none."""
+    import scipy.sparse as sp
+
+    from cellpert.data import _validate
+
+    matrix = sp.random(300, 5, density=0.2, format="csr", random_state=0)
+    monkeypatch.setattr(_validate, "PROGRESS_MIN_ROWS", 100)
+    monkeypatch.setenv("CELLPERT_PROGRESS", "1")
+    assert sum(len(i) for i, _ in _validate.iter_row_chunks(matrix, chunk_rows=50)) == 300
+    assert "reading cells" in capsys.readouterr().err
+    monkeypatch.setenv("CELLPERT_PROGRESS", "0")
+    list(_validate.iter_row_chunks(matrix, chunk_rows=50))
+    assert capsys.readouterr().err == ""

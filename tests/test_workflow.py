@@ -182,3 +182,34 @@ def test_svae_train_and_export_with_ica(svae_run, tmp_path, capsys):
     assert f"{entry['ica_mcc']['before']:.3f} before ICA, {entry['ica_mcc']['after']:.3f} after" in text
     masks = entry["mask_probabilities"]
     assert masks.shape[1] == 15 and {f"P{i:03d}" for i in range(8)} <= set(masks.index)
+
+
+def test_the_same_command_twice_gives_the_same_numbers(tmp_path):
+    """Reproducibility on CPU (issue 16): two identical `cellpert train` + `evaluate-ate`
+    commands give the same parameters and the same metrics; the run records the seed and
+    the resolved options needed to repeat it."""
+    import json
+
+    import torch
+    from cellpert.data.simulate import simulate_sams
+    from cellpert_cli.main import run
+
+    screen = tmp_path / "s.h5ad"
+    simulate_sams(seed=1, n_perturbations=3, n_latent=3, n_genes=20, n_cells_per_perturbation=(20, 5, 5),
+                  n_control_cells=(20, 5, 5)).write_h5ad(screen)  # fmt: skip
+    metrics = []
+    for name in ("a", "b"):
+        copy = tmp_path / f"{name}.h5ad"
+        copy.write_bytes(screen.read_bytes())
+        assert run(["train", str(copy), "-m", "samsvae", "-o", str(tmp_path / name), "--n-latent", "3",
+                    "--max-steps", "15", "--quiet"]) == 0  # fmt: skip
+        assert run(["evaluate-ate", str(copy), "-m", str(tmp_path / name), "--n-draws", "4", "--iwelbo-samples", "4",
+                    "--metrics-out", str(tmp_path / f"{name}.csv")]) == 0  # fmt: skip
+        metrics.append((tmp_path / f"{name}_summary.csv").read_text())
+    first = torch.load(tmp_path / "a" / "model" / "model.pt", weights_only=False)["model_state_dict"]
+    second = torch.load(tmp_path / "b" / "model" / "model.pt", weights_only=False)["model_state_dict"]
+    tensors = [k for k, v in first.items() if torch.is_tensor(v)]
+    assert tensors and first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in tensors)
+    assert metrics[0] == metrics[1]
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["seed"] is not None and record["versions"]["torch"] and record["screen"]["sha256"]

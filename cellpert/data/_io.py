@@ -33,6 +33,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -58,6 +59,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Files larger than this get a log line when reading starts and when it ends.
+LARGE_FILE_BYTES = 500_000_000
 
 #: Environment variable that overrides the memory budget (in GiB) for dense count matrices.
 DENSE_BUDGET_ENV = "CELLPERT_MAX_DENSE_GB"
@@ -169,8 +173,15 @@ def read_h5ad(
 
 def _read_anndata(path: Path, *, backed: bool) -> ad.AnnData:
     """``anndata.read_h5ad`` with one clear line for a malformed file."""
+    size = path.stat().st_size
+    if size > LARGE_FILE_BYTES:  # a long read should not look like a hang
+        logger.info("reading %s (%.1f GB%s)...", path, size / 1e9, ", backed" if backed else "")
+    start = time.perf_counter()
     try:
-        return ad.read_h5ad(path, backed="r" if backed else None)
+        adata = ad.read_h5ad(path, backed="r" if backed else None)
+        if size > LARGE_FILE_BYTES:
+            logger.info("read %s in %.0f s", path.name, time.perf_counter() - start)
+        return adata
     except Exception as err:  # anndata raises many types for malformed files
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CellpertInputError(

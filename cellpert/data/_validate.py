@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,10 +18,27 @@ __all__ = ["CountSummary", "iter_row_chunks", "summarise_counts", "gene_log1p_st
 DEFAULT_CHUNK_ROWS = 10_000
 
 
+#: A streamed pass over at least this many cells shows a progress bar on stderr (when
+#: stderr is a terminal, or with ``CELLPERT_PROGRESS=1``; ``CELLPERT_PROGRESS=0``: never).
+PROGRESS_MIN_ROWS = 200_000
+
+
+def _show_progress(n_rows: int) -> bool:
+    setting = os.environ.get("CELLPERT_PROGRESS", "").strip()
+    if setting == "0":
+        return False
+    if n_rows < PROGRESS_MIN_ROWS:
+        return False
+    return setting == "1" or sys.stderr.isatty()
+
+
 def iter_row_chunks(
-    matrix, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, rows: np.ndarray | None = None
+    matrix, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, rows: np.ndarray | None = None, desc: str = "reading cells"
 ) -> Iterator[tuple[np.ndarray, np.ndarray | sp.csr_matrix]]:
     """Iterate over blocks of rows of a (sparse or dense) matrix.
+
+    A pass over many cells (:data:`PROGRESS_MIN_ROWS`) shows a progress bar (``desc``)
+    on stderr, so that a long read of a large file is not mistaken for a hang.
 
     Parameters
     ----------
@@ -37,6 +56,11 @@ def iter_row_chunks(
     """
     n = matrix.shape[0]
     index = np.arange(n) if rows is None else np.asarray(rows)
+    bar = None
+    if _show_progress(len(index)):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(index), desc=desc, unit="cells", unit_scale=True, leave=False, file=sys.stderr)
     for start in range(0, len(index), chunk_rows):
         idx = index[start : start + chunk_rows]
         if rows is None:
@@ -47,7 +71,11 @@ def iter_row_chunks(
             block = sp.csr_matrix(block)
         else:
             block = np.asarray(block)
+        if bar is not None:
+            bar.update(len(idx))
         yield idx, block
+    if bar is not None:
+        bar.close()
 
 
 @dataclass

@@ -168,13 +168,28 @@ def _summary_table(evaluation: AteEvaluation) -> pd.DataFrame:
     return evaluation.summary
 
 
+def _level_section(evaluation: AteEvaluation) -> str:
+    """The per-level table (with ``level_key``): every predictor within each level."""
+    if evaluation.per_level is None:
+        return ""
+    key = evaluation.config.get("level_key")
+    pool = evaluation.config.get("pool")
+    intro = (
+        f"Within each level of obs[{key!r}]: each predictor against that level's held-out target "
+        f"(the summary above pools the levels, {pool} weights)."
+    )
+    table = evaluation.per_level.to_html(float_format=lambda v: f"{v:.4g}", na_rep="")
+    return f"<h2>Per level of {html.escape(str(key))}</h2>\n<p>{html.escape(intro)}</p>\n{table}\n"
+
+
 def write_ate_report(
     evaluation: AteEvaluation, path: str | os.PathLike, *, split: str = "test", dpi: int = 110
 ) -> Path:
     """Write the figure of :func:`ate_report_figure` as ``.png``, or an ``.html`` report.
 
     The HTML report embeds the PNG (base64) and holds the summary table (metric x
-    split) and the per-perturbation table, so it is one self-contained file.
+    split), the per-level table (ATEs by level) and the per-perturbation table, so it is
+    one self-contained file.
 
     Parameters
     ----------
@@ -222,7 +237,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#
 <img alt="model vs data ATE" src="data:image/png;base64,{encoded}" style="max-width:100%">
 <h2>Summary (metric x split)</h2>
 {_summary_table(evaluation).to_html(float_format=lambda v: f"{v:.4g}", na_rep="")}
-<h2>Per perturbation</h2>
+{_level_section(evaluation)}<h2>Per perturbation</h2>
 {evaluation.per_perturbation.to_html(float_format=lambda v: f"{v:.4g}", na_rep="")}
 <h2>Settings</h2><table>{rows}</table>
 </body></html>
