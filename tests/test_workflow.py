@@ -191,6 +191,7 @@ def test_the_same_command_twice_gives_the_same_numbers(tmp_path):
     import json
 
     import torch
+
     from cellpert.data.simulate import simulate_sams
     from cellpert_cli.main import run
 
