@@ -9,7 +9,8 @@ STAMP := $(VENV)/.cellpert-installed
 DEMO_DIR ?= demo_out
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install test test-slow lint demo clean bench-ate bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang
+.PHONY: help install test test-slow lint demo clean bench-ate bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang \
+	reproduce-norman-ood reproduce-replogle reproduce-sparse-shift reproduce-comparative
 RAW_DIR ?= data/raw
 
 help:
@@ -21,6 +22,10 @@ help:
 	@echo "make bench-norman / bench-sparse-shift / bench-comparative / bench-kang"
 	@echo "                the papers' benchmarks (long; BENCH_ARGS=--quick for a smoke run)"
 	@echo "make data-norman / data-replogle / data-kang   fetch a public screen (needs internet)"
+	@echo "make reproduce-norman-ood     SAMS-VAE paper's Norman OOD table from experiments/ (FAST=1: minutes)"
+	@echo "make reproduce-replogle       SAMS-VAE on Replogle (needs make data-replogle-gwps; FAST=1: shared subset)"
+	@echo "make reproduce-sparse-shift   the sVAE paper's sparse-shift simulation (FAST=1: a small one)"
+	@echo "make reproduce-comparative    comparative VAE: simulation and Kang 2018 (JOBS=N parallel jobs)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,10 +72,24 @@ bench-kang: $(STAMP)
 
 # Public screens (need internet; see data_recipes/README.md)
 data-norman: $(STAMP)
-	$(BIN)/python -m data_recipes.norman2019 --out data/norman2019.h5ad --cache-dir $(RAW_DIR)/norman2019
+	$(BIN)/python -m data_recipes.norman2019 --out data/norman2019.h5ad --raw-dir $(RAW_DIR)/norman2019 $(DATA_ARGS)
 data-replogle: $(STAMP)
-	$(BIN)/python -m data_recipes.replogle2022 --dataset essential --out data/replogle2022_essential.h5ad --cache-dir $(RAW_DIR)/replogle2022
+	$(BIN)/python -m data_recipes.replogle2022 --dataset essential --out data/replogle2022_essential.h5ad --raw-dir $(RAW_DIR)/replogle2022 $(DATA_ARGS)
 data-replogle-gwps: $(STAMP)
-	$(BIN)/python -m data_recipes.replogle2022 --dataset gwps --preset filtered --out data/replogle2022_gwps_filtered.h5ad --cache-dir $(RAW_DIR)/replogle2022
+	$(BIN)/python -m data_recipes.replogle2022 --dataset gwps --preset filtered --out data/replogle2022_gwps_filtered.h5ad --raw-dir $(RAW_DIR)/replogle2022 $(DATA_ARGS)
 data-kang: $(STAMP)
-	$(BIN)/python -m data_recipes.kang2018 --out data/kang2018.h5ad --cache-dir $(RAW_DIR)/kang2018
+	$(BIN)/python -m data_recipes.kang2018 --out data/kang2018.h5ad --raw-dir $(RAW_DIR)/kang2018 $(DATA_ARGS)
+
+# Reproductions (experiments/<experiment>/*.yaml; python -m experiments --help). FAST=1: the
+# configs' fast: sections (minutes); JOBS=N jobs at once, 1 torch thread each; results are
+# cached in benchmarks/runs/experiments/, reports go to benchmarks/runs/reports/.
+JOBS ?= 2
+REPRODUCE = $(BIN)/python -m experiments $(if $(filter-out 0,$(FAST)),--fast) -j $(JOBS) $(REPRODUCE_ARGS)
+reproduce-norman-ood: $(STAMP)
+	$(REPRODUCE) norman_ood
+reproduce-replogle: $(STAMP)
+	$(REPRODUCE) replogle
+reproduce-sparse-shift: $(STAMP)
+	$(REPRODUCE) sparse_shift
+reproduce-comparative: $(STAMP)
+	$(REPRODUCE) comparative_sim kang

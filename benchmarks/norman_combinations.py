@@ -102,6 +102,96 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: The paper's evaluation protocol: prior estimator, data ATE over all cells of each label.
+PAPER_EVALUATION = {"estimator": "prior", "data_cells": "all"}
+
+
+def train_and_evaluate(
+    screen: Path,
+    *,
+    run_dir: Path,
+    name: str,
+    model: str,
+    options: dict,
+    screen_options: dict | None = None,
+    split: str = "combinations",
+    split_seed: int = 0,
+    fraction: float | None = None,
+    max_steps: int = 2000,
+    seed: int = 0,
+    reuse: bool = False,
+    evaluation: dict | None = None,
+) -> tuple[dict, dict[str, dict]]:
+    """Train one model with :func:`cellpert.runs.train_run`, score it with
+    :func:`cellpert.runs.evaluate_ate` on the test split.
+
+    ``options`` are the model and training options of the run (``train_run``'s
+    ``**options``), ``screen_options`` its data options (``subset``, ...), ``evaluation``
+    options of the evaluation (``n_particles``, ``library_size``, ``seed``; the paper's
+    protocol, :data:`PAPER_EVALUATION`, unless overridden). ``reuse``: evaluate the run
+    already in ``run_dir`` instead of training when it has a model.
+
+    Returns
+    -------
+    ``(row, baselines)``: the model's row (``iwelbo``, ``pearson``, ``pearson_top``,
+    ``r2``, ``n_test_labels``, timings) and one row per baseline of the evaluation.
+    """
+    from cellpert.runs import evaluate_ate, train_run
+
+    train_s = None
+    if not (reuse and (run_dir / "model").is_dir()):
+        t0 = time.perf_counter()
+        train_run(
+            screen,
+            out_dir=run_dir,
+            model=model,
+            split=split,
+            split_seed=split_seed,
+            **({"fraction": fraction} if fraction is not None else {}),
+            max_steps=max_steps,
+            seed=seed,
+            overwrite=True,
+            progress_bar=False,
+            **(screen_options or {}),
+            **options,
+        )
+        train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ev = evaluate_ate(
+        screen,
+        model_dir=run_dir,
+        key_added=name.replace("-", "_"),
+        write=False,
+        **{"seed": seed, **PAPER_EVALUATION, **(evaluation or {})},
+    )
+    eval_s = time.perf_counter() - t0
+    s = ev.summary["test"]
+    row = {
+        "name": name,
+        "iwelbo": ev.iwelbo,
+        "pearson": s["model_pearson"],
+        "pearson_top": s["model_pearson_top"],
+        "r2": s["model_r2"],
+        "n_test_labels": int(s["model_n_perturbations"]),
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "model_ate_s": ev.config["timings"].get("model_ate_s"),
+        "iwelbo_s": ev.config["timings"].get("iwelbo_s"),
+    }
+    baselines = {
+        b: {
+            "name": f"{b} baseline",
+            "iwelbo": None,
+            "pearson": s[f"{b}_pearson"],
+            "pearson_top": s[f"{b}_pearson_top"],
+            "r2": s[f"{b}_r2"],
+            "n_test_labels": int(s[f"{b}_n_perturbations"]),
+        }
+        for b in ev.baselines
+    }
+    return row, baselines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--screen", type=Path, default=DEFAULT_SCREEN, help="Norman screen (.h5ad).")
@@ -129,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cellpert.runs import evaluate_ate, train_run
 
     settings = dict(PAPER)
     steps, particles = args.steps, args.particles
@@ -157,65 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         extra = dict(extra)
         if args.quick and "guide_n_hidden" in extra:
             extra.update(guide_n_hidden=32, guide_n_layers=2)
-        run_dir = runs / name
-        train_s = None
-        if not (args.reuse and (run_dir / "model").is_dir()):
-            t0 = time.perf_counter()
-            train_run(
-                args.screen,
-                out_dir=run_dir,
-                model=model,
-                split=args.split,
-                split_seed=args.split_seed,
-                max_steps=steps,
-                seed=args.seed,
-                overwrite=True,
-                progress_bar=False,
-                **({"mask_prior_prob": 0.01, **PAPER_SAMS} if model == "samsvae" else {}),
-                **options,
-                **settings,
-                **extra,
-            )
-            train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev = evaluate_ate(
+        row, found = train_and_evaluate(
             args.screen,
-            model_dir=run_dir,
-            key_added=name.replace("-", "_"),
-            n_particles=particles,
-            library_size=args.library_size,
+            run_dir=runs / name,
+            name=name,
+            model=model,
+            options={**({"mask_prior_prob": 0.01, **PAPER_SAMS} if model == "samsvae" else {}), **settings, **extra},
+            screen_options=options,
+            split=args.split,
+            split_seed=args.split_seed,
+            max_steps=steps,
             seed=args.seed,
-            write=False,
-            # the paper's protocol: prior estimator, data ATE over all cells
-            estimator="prior",
-            data_cells="all",
+            reuse=args.reuse,
+            evaluation={"n_particles": particles, "library_size": args.library_size, "seed": args.seed},
         )
-        eval_s = time.perf_counter() - t0
-        col = "test"
-        s = ev.summary[col]
-        rows.append(
-            {
-                "name": name,
-                "iwelbo": ev.iwelbo,
-                "pearson": s["model_pearson"],
-                "pearson_top": s["model_pearson_top"],
-                "r2": s["model_r2"],
-                "n_test_labels": int(s["model_n_perturbations"]),
-                "train_s": train_s,
-                "eval_s": eval_s,
-                "model_ate_s": ev.config["timings"].get("model_ate_s"),
-                "iwelbo_s": ev.config["timings"].get("iwelbo_s"),
-            }
-        )
-        for b in ev.baselines:
-            baselines[b] = {
-                "name": f"{b} baseline",
-                "iwelbo": None,
-                "pearson": s[f"{b}_pearson"],
-                "pearson_top": s[f"{b}_pearson_top"],
-                "r2": s[f"{b}_r2"],
-                "n_test_labels": int(s[f"{b}_n_perturbations"]),
-            }
+        rows.append(row)
+        baselines.update(found)
         print(_format_table(rows[-1:]).splitlines()[-1], flush=True)
     rows += list(baselines.values())
     n_labels = rows[0]["n_test_labels"] if rows else 0

@@ -48,16 +48,29 @@ ALL_MODELS = ["vae", "ivae", "svae", "svae+K2", "svae+K5", "svae+K10", "samsvae"
 logger = logging.getLogger("sparse_shift_benchmark")
 
 
-def simulate(seed: int, n_cells: int):
+#: The paper's simulation (MODELS.md §8); ``run_one`` reads any of these from its ``args``.
+SIMULATION = {"n_perturbations": 100, "n_latent": 15, "n_heldout": 20, "n_genes": 100, "mode": "nb"}
+
+
+def simulate(
+    seed: int,
+    n_cells: int,
+    *,
+    n_perturbations: int = 100,
+    n_latent: int = 15,
+    n_heldout: int = 20,
+    n_genes: int = 100,
+    mode: str = "nb",
+):
     adata = simulate_sparse_shift(
         seed=seed,
-        n_perturbations=100,
-        n_latent=15,
-        n_heldout=20,
+        n_perturbations=n_perturbations,
+        n_latent=n_latent,
+        n_heldout=n_heldout,
         n_cells_per_perturbation=n_cells,
         n_control_cells=n_cells,
-        n_genes=100,
-        mode="nb",
+        n_genes=n_genes,
+        mode=mode,
     )
     screen = load_screen(adata, perturbation_key="perturbation", warn=False)
     prepare_anndata(screen)
@@ -66,7 +79,8 @@ def simulate(seed: int, n_cells: int):
 
 
 def build(name: str, adata, args):
-    common = {"n_latent": 15, "seed": args.model_seed}
+    n_latent = getattr(args, "n_latent", SIMULATION["n_latent"])
+    common = {"n_latent": n_latent, "seed": args.model_seed}
     if name == "vae":
         SVAE.setup_anndata(adata)
         return SVAE(adata, prior="standard", **common)
@@ -83,12 +97,12 @@ def build(name: str, adata, args):
         from cellpert.models import SAMSVAE
 
         SAMSVAE.setup_anndata(adata)
-        return SAMSVAE(adata, n_latent=15, n_hidden=128, guide="mean_field", mask_prior_prob=2 / 15)
+        return SAMSVAE(adata, n_latent=n_latent, n_hidden=128, guide="mean_field", mask_prior_prob=2 / n_latent)
     raise ValueError(name)
 
 
 def run_one(seed: int, name: str, args) -> dict:
-    adata = simulate(seed, args.n_cells)
+    adata = simulate(seed, args.n_cells, **{k: getattr(args, k, v) for k, v in SIMULATION.items()})
     gt = adata.uns["cellpert"]["ground_truth"]
     names = [str(n) for n in gt["perturbation_names"]]
     true_mask = np.asarray(gt["mask"])

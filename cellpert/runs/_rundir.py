@@ -395,7 +395,7 @@ def check_screen_file(
     if stat.st_size == recorded.get("size_bytes") and file_sha256(path) == recorded["sha256"]:
         return True
     if screen is not None and recorded.get("cells_sha256") == cells_fingerprint(screen):
-        logger.info(
+        logger.debug(
             "%s changed since %s was trained (results written into it?); its cells, labels and genes are the same",
             path, run_dir,
         )
