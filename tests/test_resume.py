@@ -263,7 +263,21 @@ class _TwoSigints(pl.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path):
+@pytest.fixture
+def sigint_handled():
+    """Ctrl-C as an interactive session has it: a shell that starts a job in the background
+    (``nohup``, ``&``) makes it ignore SIGINT, and an ignored signal stays ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:
+    """``preexec_fn`` of the CLI subprocesses: SIGINT not ignored (see :func:`sigint_handled`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, sigint_handled):
     model = _small_sams()
     options = {"max_steps": 24, "batch_size": 32, "check_val_every_n_epoch": 1, "checkpoint_every": 6}
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -279,7 +293,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert {signum: signal.getsignal(signum) for signum in before} == before  # handlers given back
 
 
-def test_without_a_checkpoint_dir_signals_are_lightnings(capsys):
+def test_without_a_checkpoint_dir_signals_are_lightnings(capsys, sigint_handled):
     """Plain ``model.train()``: SIGTERM stops through Lightning (no checkpoint), without
     scvi-tools' ``Exception raised during training. <class 'NameError'>``; Ctrl-C is a
     KeyboardInterrupt (Lightning turns it into sys.exit(1))."""
@@ -517,7 +531,9 @@ def _cli_train(screen: Path, out: Path, *extra: str) -> subprocess.Popen:
     args = [str(CELLPERT), "--threads", "1", "train", str(screen), "-o", str(out), "-m", "samsvae",
             "--n-latent", "3", "--batch-size", "32", "--lr", "0.01", "--max-steps", "400", "--no-early-stopping",
             "--checkpoint-every", "1", "--quiet", *extra]  # fmt: skip
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint
+    )
 
 
 @pytest.mark.slow
