@@ -127,7 +127,7 @@ def _help_hint(err: UsageError) -> str:
 def _is_training_interrupted(err: BaseException) -> bool:
     """Whether ``err`` is :class:`cellpert.runs.TrainingInterrupted` (looked up only once
     training was imported, so that the CLI starts without importing torch)."""
-    cls = getattr(sys.modules.get("cellpert.models._trainingplan"), "TrainingInterrupted", None)
+    cls = getattr(sys.modules.get("cellpert.models._checkpoint"), "TrainingInterrupted", None)
     return cls is not None and isinstance(err, cls)
 
 
