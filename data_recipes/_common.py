@@ -65,6 +65,7 @@ __all__ = [
     "seurat_v3_from_moments",
     "seurat_v3_select",
     "sidecar_path",
+    "verify_inputs",
     "verify_local",
     "write_screen",
 ]
@@ -1153,6 +1154,14 @@ def read_name_list(path: str | os.PathLike) -> list[str]:
     for line in path.read_text().splitlines():
         names += [n.strip() for n in line.split("#", 1)[0].split(",") if n.strip()]
     return list(dict.fromkeys(names))
+
+
+def verify_inputs(paths: Iterable[Path], *, verify: bool, progress: bool, **checksums: str | None) -> None:
+    """Check files the user gave with ``--input`` (:func:`verify_local`; ``--no-verify``:
+    only say they were not checked), one log line each."""
+    for path in paths:
+        path = Path(path)
+        logger.info(verify_local(path, progress=progress, **checksums) if verify else f"{path.name}: not verified")
 
 
 def add_io_arguments(

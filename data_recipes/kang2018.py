@@ -36,7 +36,7 @@ from data_recipes._common import (
     fetch,
     row_blocks,
     run_main,
-    verify_local,
+    verify_inputs,
     write_screen,
 )
 
@@ -246,12 +246,7 @@ def _cli(argv: Sequence[str] | None) -> RecipeSummary:
     args = parser.parse_args(argv)
     if args.input is not None:
         raw_dir = _folder(args.input)
-        for name in FILES:
-            logger.info(
-                verify_local(raw_dir / name, progress=args.progress)
-                if args.verify
-                else f"{name}: not verified"
-            )
+        verify_inputs((raw_dir / name for name in FILES), verify=args.verify, progress=args.progress)
     else:
         raw_dir = download_kang2018(
             args.raw_dir,

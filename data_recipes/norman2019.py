@@ -34,7 +34,7 @@ from data_recipes._common import (
     fetch,
     row_blocks,
     run_main,
-    verify_local,
+    verify_inputs,
     write_screen,
 )
 
@@ -301,12 +301,7 @@ def _cli(argv: Sequence[str] | None) -> RecipeSummary:
     args = parser.parse_args(argv)
     if args.input is not None:
         paths = raw_paths(args.input)
-        for path in paths.values():
-            logger.info(
-                verify_local(path, progress=args.progress)
-                if args.verify
-                else f"{path.name}: not verified"
-            )
+        verify_inputs(paths.values(), verify=args.verify, progress=args.progress)
         raw_dir = paths["matrix"].parent
     else:
         raw_dir = download_norman2019(

@@ -46,7 +46,7 @@ from data_recipes._common import (
     read_name_list,
     run_main,
     seurat_v3_select,
-    verify_local,
+    verify_inputs,
     write_screen,
 )
 
@@ -623,11 +623,7 @@ def _cli(argv: Sequence[str] | None) -> RecipeSummary:
 
     if args.input is not None:
         path = args.input
-        logger.info(
-            verify_local(path, md5=args.md5, sha256=args.sha256, progress=args.progress)
-            if args.verify
-            else f"{path.name}: not verified"
-        )
+        verify_inputs([path], verify=args.verify, progress=args.progress, md5=args.md5, sha256=args.sha256)
     else:
         path = download_replogle2022(
             args.dataset,
