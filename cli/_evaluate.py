@@ -80,6 +80,9 @@ def _summary_lines(evaluation, split: str) -> list[str]:
         header += f"; {evaluation.config['iwelbo_split']} IWELBO {iw:.2f} per cell ({evaluation.config['n_iwelbo_cells']} cells)"
     target = evaluation.config.get("target") if col != "all" or evaluation.config.get("data_cells") == "all" else None
     estimator = evaluation.config.get("model_ate_estimator")
+    shift = evaluation.config.get("model_ate_latent_shift")
+    if estimator and shift:
+        estimator = f"{estimator} ({shift} latent shift)"
     notes = [f"target: {target}" if target else "target: data ATE of all cells of each label"]
     if estimator:
         notes.append(
@@ -164,8 +167,16 @@ def evaluate_ate(
         ),
     ] = "counterfactual",
     n_draws: Annotated[
-        int, typer.Option("--n-draws", help="Draws of the global latents (counterfactual estimator).")
+        int, typer.Option("--n-draws", help="Draws of the counterfactual estimator (bootstrap or global latents).")
     ] = 100,
+    latent_shift: Annotated[
+        str,
+        typer.Option(
+            "--latent-shift",
+            help="Counterfactual estimator: empirical (default; each label's shift measured where its training "
+            "cells lie in the latent space, interval from their sampling) or model (the model's own shift).",
+        ),
+    ] = "empirical",
     no_ceiling: Annotated[
         bool, typer.Option("--no-ceiling", help="Skip the noise ceiling (split halves of the held-out cells).")
     ] = False,
@@ -243,6 +254,8 @@ def evaluate_ate(
         raise CellpertInputError(f"--estimator must be counterfactual or prior, not {estimator!r}.")
     if pool not in ("control", "uniform"):
         raise CellpertInputError(f"--pool must be control or uniform, not {pool!r}.")
+    if latent_shift not in ("empirical", "model"):
+        raise CellpertInputError(f"--latent-shift must be empirical or model, not {latent_shift!r}.")
     if n_draws < 2:
         raise CellpertInputError(f"--n-draws must be at least 2, not {n_draws}.")
     lib: str | float = library_size
@@ -284,6 +297,7 @@ def evaluate_ate(
         write=not no_write,
         level_key=None if by is not None and by.lower() == "none" else (by or "auto"),
         pool=pool,  # type: ignore[arg-type]
+        latent_shift=latent_shift,  # type: ignore[arg-type]
     )
     for line in _summary_lines(evaluation, split) + _level_lines(evaluation):
         typer.echo(line)

@@ -262,10 +262,24 @@ def _basal_cells(screen: PerturbationScreen, split_values: np.ndarray | None) ->
     return np.flatnonzero(screen.is_control)
 
 
+def _label_cells(
+    screen: PerturbationScreen, split_values: np.ndarray | None, labels: list[str]
+) -> dict[str, np.ndarray] | None:
+    """Training cells of each label and of each label's parts (the empirical latent shift's)."""
+    if split_values is None:
+        return None
+    train = split_values == "train"
+    wanted = set(labels) | {p for lab in labels for p in screen.label_parts(lab)}
+    rows = np.flatnonzero(train)
+    groups = pd.Series(rows).groupby(screen.labels[train]).indices
+    return {lab: rows[groups[lab]] for lab in wanted if lab in groups}
+
+
 def _predict(
     screen: PerturbationScreen, model: Any, labels: list[str], split_values: np.ndarray | None, *,
     estimator: Estimator, n_particles: int, n_groups: int, n_draws: int, library_size: LibrarySize | float,
     seed: int, levels: np.ndarray | None = None, weights: pd.Series | None = None,
+    latent_shift: str = "empirical",
 ) -> ModelATE:  # fmt: skip
     """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`)."""
     if estimator == "counterfactual" and not hasattr(model, "get_counterfactual_effects"):
@@ -276,6 +290,7 @@ def _predict(
         return counterfactual_ate(
             model, labels, control=screen.control_labels, cells=cells, n_draws=n_draws, seed=seed,
             gene_names=screen.gene_names, cell_levels=None if levels is None else levels[cells], weights=weights,
+            latent_shift=latent_shift, label_cells=_label_cells(screen, split_values, labels),
         )  # fmt: skip
     if levels is not None:
         raise CellpertInputError(
@@ -425,6 +440,7 @@ def compute_ate_evaluation(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     level_key: str | None = None,
     pool: Pool = "control",
+    latent_shift: Literal["empirical", "model"] = "empirical",
 ) -> AteEvaluation:
     """Data ATE, model ATE, baselines, metrics per split, noise ceiling and IWELBO, in memory.
 
@@ -463,7 +479,12 @@ def compute_ate_evaluation(
     n_particles, n_groups, library_size
         Options of the prior estimator.
     n_draws
-        Draws of the global latents of the counterfactual estimator.
+        Draws of the counterfactual estimator (of the empirical shifts' bootstrap, or of
+        the global latents).
+    latent_shift
+        The counterfactual estimator's shift of each label (:func:`counterfactual_ate`):
+        ``"empirical"`` (default), measured where the label's training cells lie in the
+        model's latent space, or ``"model"``, the model's own shift ``D (E ⊙ M)``.
     top_n
         Genes per perturbation of the "top" metrics.
     iwelbo_split
@@ -497,6 +518,8 @@ def compute_ate_evaluation(
         raise CellpertInputError(f"data_cells must be 'all' or 'split', not {data_cells!r}.")
     if estimator not in ("counterfactual", "prior"):
         raise CellpertInputError(f"estimator must be 'counterfactual' or 'prior', not {estimator!r}.")
+    if latent_shift not in ("empirical", "model"):
+        raise CellpertInputError(f"latent_shift must be 'empirical' or 'model', not {latent_shift!r}.")
     timings: dict[str, float] = {}
     levels = weights = None
     if level_key is not None:
@@ -572,6 +595,7 @@ def compute_ate_evaluation(
     pred = _predict(
         screen, model, labels, split_values, estimator=estimator, n_particles=n_particles,
         n_groups=n_groups, n_draws=n_draws, library_size=library_size, seed=seed, levels=levels, weights=weights,
+        latent_shift=latent_shift,
     )  # fmt: skip
     timings["model_ate_s"] = time.perf_counter() - t0
     config.update({f"model_ate_{k}": v for k, v in pred.config.items()})

@@ -492,6 +492,7 @@ class CounterfactualMixin:
         cells_per_draw: int | None = 256,
         seed: int = 0,
         max_elements: float = 2e7,
+        shifts: np.ndarray | torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Counterfactual effects of dosage rows on the control cells ``indices``.
 
@@ -503,6 +504,10 @@ class CounterfactualMixin:
         differences averaged over the cells. Each draw uses one group of a random
         partition of the cells into groups of at most ``cells_per_draw`` (None: all cells
         for every draw), so that the cost is ``n_draws · cells_per_draw · R · G``.
+
+        ``shifts`` (n_draws, R, K), e.g. the ``draws`` of :meth:`get_empirical_shifts`,
+        replace the rows' latent shifts under the global latents: draw p moves every cell
+        by ``shifts[p, r]`` (the conditional VAE: its basal state, decoded with ``D_r``).
 
         Returns
         -------
@@ -525,9 +530,17 @@ class CounterfactualMixin:
         n_draws = int(n_draws)
         n_genes = self.summary_stats.n_vars
         theta = self.module.nb_theta
+        shift = None
+        if shifts is not None:
+            shift = torch.as_tensor(np.asarray(shifts, dtype=np.float32), device=self.device)
+            if tuple(shift.shape[:2]) != (n_draws, rows.shape[0] - 1):
+                raise CellpertInputError(
+                    f"shifts must be (n_draws={n_draws}, rows={rows.shape[0] - 1}, K), got {tuple(shift.shape)}."
+                )
+            shift = torch.cat([torch.zeros_like(shift[:, :1]), shift], 1)  # row 0: control, unmoved
         with seeded(seed):
             # the global draws first: the data loader below also draws from torch's RNG
-            effect = self._global_effect_draws(n_draws)
+            effect = self._global_effect_draws(n_draws) if shift is None else None
             states, libraries, covs, batches = [], [], [], []
             for t in self._eval_batches(None, idx, None):
                 states.append(self._encode_basal(t, basal == "sample"))
@@ -555,6 +568,8 @@ class CounterfactualMixin:
                 for c0 in range(0, len(cells), step):
                     c = cells[c0 : c0 + step]
                     extra = {} if cov is None else {"covariates": cov[c]}
+                    if shift is not None:
+                        extra["shift"] = shift[p : p + 1]
                     rho = self.module.counterfactual_rho(zb[c], rows, None if effect is None else effect[p : p + 1], **extra)
                     cell_theta = theta if batch is None else self.module.nb_theta_of(batch[c])
                     s, sq = counterfactual_effect_sums(rho, lib[c], cell_theta, transform=transform)
@@ -565,6 +580,87 @@ class CounterfactualMixin:
         mean = total / used
         var = (total_sq / used - mean**2).clamp(min=0.0) * used / (used - 1).clamp(min=1)
         return {"effects": mean.cpu().numpy(), "mc_var": (var / used).cpu().numpy(), "n_cells": n_cells}
+
+    @torch.inference_mode()
+    def get_empirical_shifts(
+        self,
+        groups: Sequence[Sequence[Sequence[int]]],
+        *,
+        control_cells: Sequence[int],
+        dosage: Any = None,
+        n_draws: int = 100,
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Each row's latent shift measured on cells: where its cells lie against the controls.
+
+        The shift of a group of cells is the mean of their posterior latent positions
+        (``_latent_positions``: each cell encoded under its own perturbation, in the space
+        the model's shifts act in) minus the mean position of ``control_cells``; a row's
+        shift is the sum over its groups (one group: the label's own cells; a label
+        without cells, e.g. a held-out combination, gets its parts' groups, the additive
+        composition the latent models assume). A row with no group gets the model's own
+        shift, ``D_r`` (``dosage``, (R, T)) times the mean of the global latents' draws
+        (zero for the conditional VAE, or without ``dosage``).
+
+        The ``n_draws`` draws are a Gaussian multiplier bootstrap of every group's mean
+        (and of the controls' mean, shared by the rows of a draw): ``mean + Σ_i g_i (pos_i
+        − mean) / n``, g ~ N(0, 1), which has the covariance of the mean, so an interval
+        over the draws includes the uncertainty of which cells were observed.
+
+        Why: the model's own shift (``D_r (E ⊙ M)``) can miss part of where a
+        perturbation's cells lie (the encoder puts the rest into their basal states);
+        moving the control cells by it then shrinks the effect (docs/models.md, *ATE
+        space and data ATE*).
+
+        Returns
+        -------
+        ``point`` (R, K) and ``draws`` (n_draws, R, K) float32 arrays and ``n_cells`` (R,),
+        the cells each row's shift was measured on (0: a row without groups).
+        """
+        control_cells = np.asarray(control_cells, dtype=np.int64)
+        if control_cells.size < 2:
+            raise CellpertInputError("empirical shifts need at least 2 control cells; check the split.")
+        self.module.eval()
+        needed = np.unique(np.concatenate([control_cells, *[np.asarray(c, dtype=np.int64) for g in groups for c in g]]))
+        with seeded(seed):
+            pos = torch.cat([self._latent_positions(t) for t in self._eval_batches(None, needed, None)]).double()
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+        def bootstrap(cells: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            p = pos[torch.as_tensor(np.searchsorted(needed, cells), device=pos.device)]
+            mean = p.mean(0)
+            # multiplier bootstrap of the mean: g_i ~ N(0, 1) per cell and draw
+            g = torch.randn(int(n_draws), p.shape[0], generator=gen, dtype=torch.float64).to(p.device)
+            return mean, mean + g @ (p - mean) / p.shape[0]
+
+        c_mean, c_draws = bootstrap(control_cells)
+        model_shift = None
+        point, draws, n_cells = [], [], []
+        for r, group in enumerate(groups):
+            parts = [np.asarray(c, dtype=np.int64) for c in group if len(c)]
+            if not parts:
+                own = torch.zeros_like(c_mean)
+                if dosage is not None:
+                    if model_shift is None:
+                        with seeded(seed):
+                            effect = self._global_effect_draws(int(n_draws))
+                        model_shift = torch.zeros(0) if effect is None else effect.double().mean(0)  # (T, K)
+                    if model_shift.numel():
+                        row = torch.as_tensor(self._dosage_rows(dosage)[r], dtype=torch.float64, device=model_shift.device)
+                        own = (row @ model_shift).to(c_mean.device)
+                point.append(own)
+                draws.append(own.expand_as(c_draws))
+                n_cells.append(0)
+                continue
+            means, boots = zip(*(bootstrap(c) for c in parts), strict=True)
+            point.append(sum(m - c_mean for m in means))
+            draws.append(sum(b - c_draws for b in boots))
+            n_cells.append(int(sum(len(c) for c in parts)))
+        return {
+            "point": torch.stack(point).float().cpu().numpy(),
+            "draws": torch.stack(draws, 1).float().cpu().numpy(),
+            "n_cells": np.asarray(n_cells, dtype=np.int64),
+        }
 
     def _side_inputs(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """A minibatch's covariates and batch codes (empty for a module without them)."""

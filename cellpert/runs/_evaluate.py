@@ -77,7 +77,7 @@ def evaluate_ate(
     **options
         Options of :func:`cellpert.evaluate.compute_ate_evaluation` (``data_cells``,
         ``estimator``, ``n_particles``, ``n_groups``, ``n_draws``, ``library_size``,
-        ``top_n``, ``iwelbo_samples``, ``ceiling``, ``seed``), passed on unchanged.
+        ``top_n``, ``iwelbo_samples``, ``ceiling``, ``seed``, ``latent_shift``), passed on unchanged.
 
     Writes
     ------

@@ -375,6 +375,7 @@ EVALUATE_OPTIONS: dict[str, Option] = {
     "seed": integer("seed of the model ATE and IWELBO draws", 0, MAX_SEED),
     "level_key": text("obs column to compute ATEs by level"),
     "pool": choice("pooling of the levels", "control", "uniform"),
+    "latent_shift": choice("latent shift of the counterfactual estimator", "empirical", "model"),
     "backed": flag("read the counts from disk"),
 }
 #: Options of ``cellpert export-latents`` (:func:`cellpert.runs.export_latents`).

@@ -498,6 +498,12 @@ class _PerturbationVAE(
         """Counterfactual hook: basal states of control cells, q(z^b | x̃, D = 0)."""
         return self.module.encode_basal(tensors[REGISTRY_KEYS.X_KEY], sample=sample, covariates=self.module.covariates(tensors))
 
+    def _latent_positions(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Empirical-shift hook: E_q[z^b + D_i (E ⊙ M)] of cells under their own perturbation."""
+        return self.module.latent_position(
+            tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY], covariates=self.module.covariates(tensors)
+        )
+
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor | None:
         """Counterfactual hook: (P, T, K) draws of E ⊙ M from q (None: the conditional VAE)."""
         return self.module.sample_globals(n_draws)["effect"]

@@ -595,15 +595,38 @@ class PerturbationVAEModule(CovariateModuleMixin, BaseModuleClass):
         rows: torch.Tensor,
         effect: torch.Tensor | None,
         covariates: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ρ of control cells moved by dosage rows: (P, R, C, G) (P = 1 without globals).
 
         ``z = z^b_c + D_r (E_p ⊙ M_p)`` for each global draw p (``effect``: (P, T, K));
-        the conditional VAE decodes ``[z^b_c, D_r]``. ``covariates`` (C, ·): the cells' own,
-        kept under every row (the effect of a perturbation at the cell's covariates).
+        the conditional VAE decodes ``[z^b_c, D_r]``. ``shift`` (P, R, K), when given,
+        replaces the rows' latent shifts (the empirical shifts of
+        :meth:`~cellpert.models._base.CounterfactualMixin.get_empirical_shifts`; the
+        conditional VAE then decodes ``[z^b_c + shift, D_r]``). ``covariates`` (C, ·): the
+        cells' own, kept under every row (the effect of a perturbation at the cell's
+        covariates).
         """
+        if shift is not None:
+            z = basal[None, None] + shift[:, :, None, :]  # (P, R, C, K)
+            side = rows[:, None, :].expand(-1, basal.shape[0], -1) if self.variant == "cvae" else None
+            return self.decoder(*self._decoder_inputs(z, side, covariates))
         if effect is None:
             side = rows[:, None, :].expand(-1, basal.shape[0], -1)
             return self.decoder(*self._decoder_inputs(basal.expand(rows.shape[0], -1, -1), side, covariates))[None]
         shift = torch.matmul(rows, effect)  # (P, R, K)
         return self.decoder(*self._decoder_inputs(basal[None, None] + shift[:, :, None, :], None, covariates))
+
+    @torch.inference_mode()
+    def latent_position(
+        self, x: torch.Tensor, dosage: torch.Tensor, *, covariates: torch.Tensor | None = None, n_draws: int = 20
+    ) -> torch.Tensor:
+        """Each cell's posterior mean position in the space the shifts act in: (B, K).
+
+        ``E_q[z^b_i + D_i (E ⊙ M)]`` over ``n_draws`` draws of the global latents, with
+        z^b_i encoded under the cell's own perturbation (the conditional VAE:
+        ``E_q[z_i | x̃_i, D_i]``, its basal state).
+        """
+        inf = self.inference(x, dosage, global_samples=self.sample_globals(n_draws), covariates=covariates)
+        pos = inf["qzb_loc"] if inf["offset"] is None else inf["qzb_loc"] + inf["offset"]
+        return pos.mean(0) if pos.dim() == 3 else pos

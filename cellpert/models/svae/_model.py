@@ -527,6 +527,10 @@ class SVAE(
         inf = self.module.inference(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))
         return inf["z"] if sample else inf["qz_m"]
 
+    def _latent_positions(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Empirical-shift hook: the posterior mean of z, q(z | x[, c]), of any cell."""
+        return self.module.inference(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))["qz_m"]
+
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor:
         """Counterfactual hook: the shifts, the same for every draw (μ and the masks are
         point estimates; masks thresholded at σ(log_alpha) = 0.5)."""

@@ -340,13 +340,17 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         rows: torch.Tensor,
         effect: torch.Tensor,
         covariates: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ρ of cells' latents ``z_c + D_r shift`` (``effect``: (P, T, K) shifts): (P, R, C, G).
 
+        ``shift`` (P, R, K), when given, replaces ``D_r shift`` (the empirical shifts of
+        :meth:`~cellpert.models._base.CounterfactualMixin.get_empirical_shifts`).
         ``covariates`` (C, ·): the cells' own, kept under every row (the effect of a
         perturbation at the cell's covariates).
         """
-        shift = torch.matmul(rows, effect)  # (P, R, K)
+        if shift is None:
+            shift = torch.matmul(rows, effect)  # (P, R, K)
         return self.decode_rho(basal[None, None] + shift[:, :, None, :], covariates)
 
     # ------------------------------------------------------------------- loss
