@@ -482,7 +482,7 @@ def counterfactual_ate(
     }
     if per_level:
         config["levels"] = {lvl: m.config for lvl, m in per_level.items()}
-    logger.info("counterfactual ATE of %d labels on %d control cells, %d global draws", len(labels), out["n_cells"], n_draws)
+    logger.info("counterfactual ATE of %d labels on %d control cells, %d draws (%s latent shift)", len(labels), out["n_cells"], n_draws, latent_shift)
     return ModelATE(
         ate=pd.DataFrame(ate, index=index, columns=columns),
         lo=pd.DataFrame(lo, index=index, columns=columns),
