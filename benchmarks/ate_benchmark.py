@@ -113,11 +113,13 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
               "steps": summary["steps"], "best_step": summary.get("best_step")}  # fmt: skip
     rows = []
     truth = None
-    for estimator in ("counterfactual", "counterfactual/model-shift", "prior"):
+    # (name in the table, estimator, latent shift of the counterfactual estimator)
+    for estimator, kind, shift in (("counterfactual", "counterfactual", "empirical"),
+                                   ("counterfactual/model-shift", "counterfactual", "model"),
+                                   ("prior", "prior", "empirical")):  # fmt: skip
         ev = compute_ate_evaluation(
-            screen, model, estimator=estimator.split("/")[0], n_draws=n_draws, n_particles=1000, n_groups=20,
-            ceiling=estimator == "counterfactual", iwelbo_samples=20, seed=seed,
-            latent_shift="model" if estimator.endswith("model-shift") else "empirical",
+            screen, model, estimator=kind, n_draws=n_draws, n_particles=1000, n_groups=20,
+            ceiling=estimator == "counterfactual", iwelbo_samples=20, seed=seed, latent_shift=shift,
         )  # fmt: skip
         s = ev.summary["test"]
         predictors = {"model": ev.model_ate.ate}

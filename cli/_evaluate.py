@@ -254,8 +254,6 @@ def evaluate_ate(
         raise CellpertInputError(f"--estimator must be counterfactual or prior, not {estimator!r}.")
     if pool not in ("control", "uniform"):
         raise CellpertInputError(f"--pool must be control or uniform, not {pool!r}.")
-    if latent_shift not in ("empirical", "model"):
-        raise CellpertInputError(f"--latent-shift must be empirical or model, not {latent_shift!r}.")
     if n_draws < 2:
         raise CellpertInputError(f"--n-draws must be at least 2, not {n_draws}.")
     lib: str | float = library_size

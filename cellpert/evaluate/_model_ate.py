@@ -27,6 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from cellpert._errors import CellpertInputError
+from cellpert.data import split_label
 
 __all__ = ["ModelATE", "calibrate_interval", "counterfactual_ate", "model_ate", "posterior_interval"]
 
@@ -498,7 +499,7 @@ def _shift_groups(label: str, label_cells: Mapping[str, Sequence[int]]) -> list[
     own = label_cells.get(label, ())
     if len(own):
         return [own]
-    parts = [p for p in label.split("+") if p]
+    parts = [p for p in split_label(label) if p]
     groups = [label_cells.get(p, ()) for p in parts]
     return groups if len(parts) > 1 and all(len(g) for g in groups) else []
 

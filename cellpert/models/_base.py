@@ -598,9 +598,9 @@ class CounterfactualMixin:
         the model's shifts act in) minus the mean position of ``control_cells``; a row's
         shift is the sum over its groups (one group: the label's own cells; a label
         without cells, e.g. a held-out combination, gets its parts' groups, the additive
-        composition the latent models assume). A row with no group gets the model's own
-        shift, ``D_r`` (``dosage``, (R, T)) times the mean of the global latents' draws
-        (zero for the conditional VAE, or without ``dosage``).
+        composition the latent models assume). A row with no group keeps the model's own
+        shift under the draws of the global latents, ``D_r`` (``dosage``, (R, T)) times
+        ``E ⊙ M`` (zero for the conditional VAE, or without ``dosage``).
 
         The ``n_draws`` draws are a Gaussian multiplier bootstrap of every group's mean
         (and of the controls' mean, shared by the rows of a draw): ``mean + Σ_i g_i (pos_i
@@ -634,22 +634,20 @@ class CounterfactualMixin:
             return mean, mean + g @ (p - mean) / p.shape[0]
 
         c_mean, c_draws = bootstrap(control_cells)
-        model_shift = None
+        # rows without cells: the model's own shift D_r (E ⊙ M) under each draw of the globals
+        own = torch.zeros(len(groups), *c_draws.shape, dtype=torch.float64, device=c_draws.device)  # (R, P, K)
+        if dosage is not None and any(not any(len(c) for c in g) for g in groups):
+            with seeded(seed):
+                effect = self._global_effect_draws(int(n_draws))  # (P, T, K), None for the conditional VAE
+            if effect is not None:
+                rows = torch.as_tensor(self._dosage_rows(dosage), dtype=torch.float64, device=effect.device)
+                own = torch.einsum("rt,ptk->rpk", rows, effect.double()).to(c_draws.device)
         point, draws, n_cells = [], [], []
         for r, group in enumerate(groups):
             parts = [np.asarray(c, dtype=np.int64) for c in group if len(c)]
             if not parts:
-                own = torch.zeros_like(c_mean)
-                if dosage is not None:
-                    if model_shift is None:
-                        with seeded(seed):
-                            effect = self._global_effect_draws(int(n_draws))
-                        model_shift = torch.zeros(0) if effect is None else effect.double().mean(0)  # (T, K)
-                    if model_shift.numel():
-                        row = torch.as_tensor(self._dosage_rows(dosage)[r], dtype=torch.float64, device=model_shift.device)
-                        own = (row @ model_shift).to(c_mean.device)
-                point.append(own)
-                draws.append(own.expand_as(c_draws))
+                point.append(own[r].mean(0))
+                draws.append(own[r])
                 n_cells.append(0)
                 continue
             means, boots = zip(*(bootstrap(c) for c in parts), strict=True)
