@@ -82,7 +82,8 @@ def _summary_lines(evaluation, split: str) -> list[str]:
     estimator = evaluation.config.get("model_ate_estimator")
     shift = evaluation.config.get("model_ate_latent_shift")
     if estimator and shift:
-        estimator = f"{estimator} ({shift} latent shift)"
+        within = ", measured within each level" if evaluation.config.get("model_ate_shift_within_levels") else ""
+        estimator = f"{estimator} ({shift} latent shift{within})"
     notes = [f"target: {target}" if target else "target: data ATE of all cells of each label"]
     if estimator:
         notes.append(
@@ -162,12 +163,14 @@ def evaluate_ate(
         str,
         typer.Option(
             "--estimator",
-            help="counterfactual (default): training control cells shifted and decoded at their own depth, "
-            "posterior interval; prior: z^b from N(0, I), the paper's estimator.",
+            help="posterior (default): each label's training cells against the training controls, both "
+            "denoised by the model at their own depth (labels without cells: counterfactual); counterfactual: "
+            "training control cells shifted and decoded at their own depth; prior: z^b from N(0, I), the "
+            "paper's estimator.",
         ),
-    ] = "counterfactual",
+    ] = "posterior",
     n_draws: Annotated[
-        int, typer.Option("--n-draws", help="Draws of the counterfactual estimator (bootstrap or global latents).")
+        int, typer.Option("--n-draws", help="Draws per cell (posterior) or of the counterfactual estimator.")
     ] = 100,
     latent_shift: Annotated[
         str,
@@ -250,8 +253,8 @@ def evaluate_ate(
 
     if data_cells not in ("all", "split"):
         raise CellpertInputError(f"--data-cells must be all or split, not {data_cells!r}.")
-    if estimator not in ("counterfactual", "prior"):
-        raise CellpertInputError(f"--estimator must be counterfactual or prior, not {estimator!r}.")
+    if estimator not in ("posterior", "counterfactual", "prior"):
+        raise CellpertInputError(f"--estimator must be posterior, counterfactual or prior, not {estimator!r}.")
     if pool not in ("control", "uniform"):
         raise CellpertInputError(f"--pool must be control or uniform, not {pool!r}.")
     if n_draws < 2:

@@ -24,6 +24,7 @@ from cellpert.evaluate import (
     data_ate,
     interval_coverage,
     noise_ceiling,
+    posterior_ate,
     posterior_interval,
 )
 from cellpert.models import CPAVAE, SAMSVAE, SVAE, ConditionalVAE, prepare_anndata
@@ -203,7 +204,8 @@ def test_noise_ceiling_is_one_without_noise_and_near_zero_without_effects():
 # ------------------------------------------------------------------- honest scoring
 def test_default_scoring_never_uses_a_cell_twice(sim_screen, cpa, monkeypatch):
     """Under a random cell split the test target uses test cells only, the baselines
-    training cells only, and the counterfactual encodes training control cells."""
+    training cells only, the posterior estimator decodes training cells only and the
+    counterfactual encodes training control cells."""
     seen: list[np.ndarray] = []
     real = evaluate_module.data_ate
 
@@ -220,8 +222,19 @@ def test_default_scoring_never_uses_a_cell_twice(sim_screen, cpa, monkeypatch):
         return real_cf(self, dosage, indices=indices, **kw)
 
     monkeypatch.setattr(type(cpa), "get_counterfactual_effects", spy_cf)
+    decoded: list[np.ndarray] = []
+    real_post = type(cpa).get_posterior_expression
+
+    def spy_post(self, indices, **kw):
+        decoded.append(np.asarray(indices))
+        return real_post(self, indices, **kw)
+
+    monkeypatch.setattr(type(cpa), "get_posterior_expression", spy_post)
     ev = compute_ate_evaluation(sim_screen, cpa, n_draws=5, iwelbo_samples=5, ceiling=False)
     split = cpa.split_values()
+    assert len(decoded) == 1 and (split[decoded[0]] == "train").all()
+    assert sim_screen.is_control[decoded[0]].any() and not sim_screen.is_control[decoded[0]].all()
+    compute_ate_evaluation(sim_screen, cpa, estimator="counterfactual", n_draws=5, iwelbo_samples=5, ceiling=False)
     test_target = next(c for c in seen if c.any() and (split[c] == "test").all())
     train_base = next(c for c in seen if c.any() and (split[c] == "train").all())
     assert not (test_target & train_base).any()
@@ -280,7 +293,9 @@ def test_svae_has_ates_through_its_learned_shifts(sim_screen):
     rows = model.dosage_from_labels(["P000", seen, unseen, "control"], control=sim_screen.control_labels)
     assert rows.sum(1).tolist() == [1.0, 1.0, 2.0, 0.0]
     ev = compute_ate_evaluation(sim_screen, model, n_draws=4, iwelbo_samples=5)
-    assert ev.config["model_ate_estimator"] == "counterfactual"
+    assert ev.config["model_ate_estimator"] == "posterior"  # sVAE has the posterior estimator too
+    cf_ev = compute_ate_evaluation(sim_screen, model, estimator="counterfactual", n_draws=4, iwelbo_samples=5)
+    assert cf_ev.config["model_ate_estimator"] == "counterfactual"
     # the ATEs move through the learned shifts: a copy whose shifts are zeroed predicts no
     # effect at all (each draw's effect is exactly 0 on rho), the trained model does not
     ctrl = np.flatnonzero(sim_screen.is_control)[:20]
@@ -378,13 +393,13 @@ def test_evaluate_ate_runs_on_an_svae_run(svae_run, tmp_path):
 
 @pytest.mark.slow
 def test_samsvae_on_its_simulator_against_the_truth_and_the_baselines():
-    """With the defaults (counterfactual estimator, early stopping, mask-logit lr), SAMS-VAE's
+    """With the defaults (posterior estimator, early stopping, mask-logit lr), SAMS-VAE's
     ATE recovers the simulator's true ATE better than the additive and mean baselines, and
-    its recalibrated intervals cover the truth at close to their level, and the empirical
-    latent shift (the default) does better than the model's own shift. It does *not* beat
-    each label's own training-cell average (truth r 0.991 vs 0.992 at seed 0, 0.974 with the
-    model's shift; issue 12 stays open on that): the test pins the gap so that a
-    regression, or a fix, shows."""
+    its recalibrated intervals cover the truth at close to their level, and the
+    counterfactual's empirical latent shift does better than the model's own shift. It does
+    *not* beat each label's own training-cell average (truth r 0.9914 vs 0.9918 at seed 0;
+    counterfactual 0.991, 0.974 with the model's shift; issue 12 stays open on that): the
+    test pins the gap so that a regression, or a fix, shows."""
     from cellpert.data import read_split
     from cellpert.evaluate import ate_metrics
 
@@ -406,21 +421,26 @@ def test_samsvae_on_its_simulator_against_the_truth_and_the_baselines():
     assert vs["model"]["r2"] > vs["additive"]["r2"] and vs["model"]["r2"] > vs["mean"]["r2"]
     gap = vs["average"]["pearson"] - vs["model"]["pearson"]
     assert 0.0 < gap < 0.01, gap
-    own = compute_ate_evaluation(screen, model, iwelbo_samples=2, ceiling=False, latent_shift="model")
-    own_vs = ate_metrics(truth, own.model_ate.ate)[1]
-    assert vs["model"]["pearson"] > own_vs["pearson"] + 0.005 and vs["model"]["r2"] > own_vs["r2"]
+    cf = compute_ate_evaluation(screen, model, iwelbo_samples=2, ceiling=False, estimator="counterfactual")
+    own = compute_ate_evaluation(screen, model, iwelbo_samples=2, ceiling=False, estimator="counterfactual",
+                                 latent_shift="model")  # fmt: skip
+    cf_vs, own_vs = (ate_metrics(truth, e.model_ate.ate)[1] for e in (cf, own))
+    assert cf_vs["pearson"] > own_vs["pearson"] + 0.005 and cf_vs["r2"] > own_vs["r2"]
+    assert abs(vs["model"]["pearson"] - cf_vs["pearson"]) < 0.003  # posterior and counterfactual alike here
     coverage = interval_coverage(truth, ev.model_ate_calibrated.lo, ev.model_ate_calibrated.hi)["coverage"]
     assert 0.8 < coverage < 0.97, coverage
     raw = interval_coverage(truth, ev.model_ate.lo, ev.model_ate.hi)["coverage"]
-    # the intervals alone are over-confident (0.24 with the model's shift, 0.51 with the
-    # empirical shift's bootstrap: they leave out the decoder's error), and the report says so
-    assert 0.3 < raw < 0.7, raw
+    # the intervals alone are over-confident (posterior: 0.70 at seed 0; the counterfactual's
+    # 0.49 with the empirical shift, 0.24 with the model's: they leave out the decoder's
+    # error), and the report says so
+    assert 0.4 < raw < 0.8, raw
     # Known limitation (issue 12): the validation cells' check of those intervals has
     # little power when the validation noise dominates. With the model's shift it said
-    # < 85% (flagged); with the empirical shift's wider intervals it says 89% while the truth
-    # coverage is 51%. Pinned so that a fix of the check shows.
-    before = ev.config["interval_calibration"]["coverage_before"]
-    assert before > raw + 0.2 and before > 0.85, before
+    # < 85% (flagged); with the empirical shift's wider intervals it said 89% while the truth
+    # coverage was 51%. Pinned so that a fix of the check shows.
+    before = cf.config["interval_calibration"]["coverage_before"]
+    cf_raw = interval_coverage(truth, cf.model_ate.lo, cf.model_ate.hi)["coverage"]
+    assert before > cf_raw + 0.2 and before > 0.85, before
 
 
 # ------------------------------------------------ empirical latent shift (the default)
@@ -541,7 +561,7 @@ def test_empirical_shift_recovers_a_shift_the_model_misses(sim_screen):
     assert emp.config["latent_shift"] == "empirical" and "bootstrap" in emp.config["interval_kind"]
     # the interval is that of the sampling of the cells: not zero
     assert float((emp.hi - emp.lo).to_numpy().mean()) > 0.01
-    ev = compute_ate_evaluation(screen, model, n_draws=10, ceiling=False, iwelbo_samples=2)
+    ev = compute_ate_evaluation(screen, model, estimator="counterfactual", n_draws=10, ceiling=False, iwelbo_samples=2)
     assert ev.config["model_ate_latent_shift"] == "empirical"
     assert ev.summary["test"]["model_pearson"] > 0.5
     with pytest.raises(Exception, match="latent_shift"):
@@ -560,3 +580,89 @@ def test_svae_has_latent_positions(sim_screen):
     with torch.no_grad():
         qz = m.inference(x)["qz_m"].double().numpy()
     np.testing.assert_allclose(out["point"][0], qz[cells["P000"]].mean(0) - qz[cells["control"]].mean(0), atol=1e-5)
+
+
+
+# ------------------------------------------------------------ posterior estimator
+class _KnownValues:
+    """A stand-in model whose posterior-predictive value of every cell is given."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.float64)
+        self.asked = None
+
+    def get_posterior_expression(self, indices, *, n_draws, seed):
+        self.asked = np.asarray(indices)
+        return self.values[np.asarray(indices)]
+
+
+def test_posterior_ate_is_the_contrast_of_the_cells_values_by_hand():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(30, 4))
+    model = _KnownValues(values)
+    controls, a, b = np.arange(0, 10), np.arange(10, 18), np.arange(18, 30)
+    out = posterior_ate(model, ["A", "B"], cells=controls, label_cells={"A": a, "B": b}, interval=0.9)
+    for lab, rows in (("A", a), ("B", b)):
+        diff = values[rows].mean(0) - values[controls].mean(0)
+        se = np.sqrt(values[rows].var(0, ddof=1) / len(rows) + values[controls].var(0, ddof=1) / len(controls))
+        np.testing.assert_allclose(out.ate[lab].to_numpy(), diff, rtol=1e-12)
+        np.testing.assert_allclose((out.hi - out.lo)[lab].to_numpy(), 2 * 1.6448536 * se, rtol=1e-6)
+    assert set(model.asked) == set(range(30))  # each cell decoded once
+    assert out.config["estimator"] == "posterior" and out.config["n_counterfactual_labels"] == 0
+    # by level: each level's own contrast, pooled with the weights
+    levels = np.array(["x", "y"] * 15)
+    w = pd.Series({"x": 3.0, "y": 1.0})
+    pooled = posterior_ate(model, ["A", "B"], cells=controls, label_cells={"A": a, "B": b},
+                           cell_levels=levels[controls], weights=w,
+                           label_cell_levels={"A": levels[a], "B": levels[b]})  # fmt: skip
+    for lab, rows in (("A", a), ("B", b)):
+        within = {lv: values[rows[levels[rows] == lv]].mean(0) - values[controls[levels[controls] == lv]].mean(0)
+                  for lv in ("x", "y")}  # fmt: skip
+        np.testing.assert_allclose(pooled.per_level["x"].ate[lab].to_numpy(), within["x"], rtol=1e-12)
+        np.testing.assert_allclose(pooled.ate[lab].to_numpy(), (3 * within["x"] + within["y"]) / 4, rtol=1e-12)
+
+
+def test_posterior_expression_is_the_decoded_posterior(sim_screen):
+    """get_posterior_expression("rho") is the mean over draws of log2(1e4 ρ(z) + 1), z
+    from the cell's posterior (SAMS-VAE: globals and z^b under the cell's perturbation)."""
+    screen = sim_screen
+    model = _shift_model(screen, SAMSVAE, guide="mean_field")
+    cells = np.flatnonzero(screen.labels == "P001")[:12]
+    got = model.get_posterior_expression(cells, n_draws=400, transform="rho", seed=3)
+    m = model.module
+    x = torch.as_tensor(screen.counts[cells].toarray(), dtype=torch.float32)
+    d = torch.as_tensor(model.dosage_from_labels(list(screen.labels[cells])), dtype=torch.float32)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        draws = torch.stack([torch.log2(1e4 * m.posterior_rho(x, d) + 1) for _ in range(400)]).double().numpy()
+    mc = draws.std(0) / np.sqrt(400)
+    assert np.all(np.abs(got - draws.mean(0)) < 5 * np.sqrt(2) * mc + 1e-9)
+    # the posterior depends on the cell: two cells' values differ
+    assert np.abs(got[0] - got[1]).max() > 1e-3
+    # perturbseq values: counts drawn at each cell's depth; their mean is near the rho one at high depth
+    ps = model.get_posterior_expression(cells, n_draws=50, seed=3)
+    assert ps.shape == got.shape and np.isfinite(ps).all()
+
+
+def test_posterior_ate_falls_back_to_the_counterfactual_without_cells(sim_screen, cpa):
+    """A combination without training cells gets the counterfactual estimate (its parts'
+    empirical shifts); the seen labels their cells' contrast; the default evaluation uses it."""
+    screen = sim_screen
+    model = cpa
+    train = model.split_values() == "train"
+    cells = {lab: np.flatnonzero(train & (screen.labels == lab)) for lab in np.unique(screen.labels[train])}
+    combo = next(c for c in pd.unique(screen.labels) if "+" in c)
+    cells.pop(combo, None)
+    kw = {"cells": cells["control"], "label_cells": cells, "n_draws": 8, "seed": 2, "gene_names": screen.gene_names}
+    post = posterior_ate(model, ["P000", combo], **kw)
+    cf = counterfactual_ate(model, [combo], **kw)
+    np.testing.assert_allclose(post.ate[combo].to_numpy(), cf.ate[combo].to_numpy(), rtol=1e-6, atol=1e-9)
+    assert post.config["n_counterfactual_labels"] == 1
+    truth = sams_true_ate(screen.adata, ["P000", "P001", "P002"], n_cells=4000)
+    seen = posterior_ate(model, ["P000", "P001", "P002"], **kw)
+    _, met = ate_metrics(truth, seen.ate.loc[truth.index], top_n=10)
+    assert met["pearson"] > 0.8, met
+    ev = compute_ate_evaluation(screen, model, n_draws=5, ceiling=False, iwelbo_samples=2)
+    assert ev.config["model_ate_estimator"] == "posterior"
+    with pytest.raises(Exception, match="estimator must be one of"):
+        compute_ate_evaluation(screen, model, estimator="mean")

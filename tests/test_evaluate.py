@@ -72,9 +72,10 @@ def test_model_ate_recovers_known_effects_and_a_broken_model_does_not(trained):
     assert ev.summary.loc["model_pearson_top", "all"] > 0.8
     broken = copy.deepcopy(run.model)
     broken.module.embedding_loc.data.zero_()
-    own = compute_ate_evaluation(run.screen, run.model, n_particles=400, n_groups=10, latent_shift="model")
+    cf = {"estimator": "counterfactual", "latent_shift": "model"}
+    own = compute_ate_evaluation(run.screen, run.model, n_particles=400, n_groups=10, **cf)
     assert own.summary.loc["model_pearson", "test"] > 0.75
-    bad = compute_ate_evaluation(run.screen, broken, n_particles=400, n_groups=10, latent_shift="model")
+    bad = compute_ate_evaluation(run.screen, broken, n_particles=400, n_groups=10, **cf)
     # with the model's own shifts, what is left is the part of the effects that all
     # perturbations share (the random embeddings of q(E) move every label alike), far
     # below the trained model

@@ -36,6 +36,7 @@ from cellpert.evaluate._model_ate import (
     calibrate_interval,
     counterfactual_ate,
     model_ate,
+    posterior_ate,
     posterior_interval,
 )
 from cellpert.evaluate._report import ate_report_figure, write_ate_report
@@ -53,6 +54,7 @@ __all__ = [
     "calibrate_interval",
     "compute_ate_evaluation",
     "counterfactual_ate",
+    "posterior_ate",
     "data_ate",
     "ica_masks",
     "ica_rotate",

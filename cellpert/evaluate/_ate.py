@@ -588,6 +588,7 @@ def noise_ceiling(
     n_repeats: int = 3,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ate: Callable[[np.ndarray], pd.DataFrame] | None = None,
 ) -> dict[str, float]:
     """How well a perfect predictor could agree with the data ATE of a set of cells.
 
@@ -615,6 +616,10 @@ def noise_ceiling(
         Seeds the half splits.
     chunk_rows
         Rows per streamed chunk.
+    ate
+        The data ATE of a boolean mask of cells (default: :func:`ate_from_counts` of
+        ``counts``), e.g. one pooled within the levels of a covariate, so that the
+        ceiling is that of the target actually scored.
 
     Returns
     -------
@@ -633,8 +638,11 @@ def noise_ceiling(
     for _ in range(int(n_repeats)):
         a, b = _half_masks(codes, rows, rng)
         try:
-            ate_a = ate_from_counts(counts, labels, control=controls, cells=a, chunk_rows=chunk_rows)
-            ate_b = ate_from_counts(counts, labels, control=controls, cells=b, chunk_rows=chunk_rows)
+            if ate is None:
+                ate_a = ate_from_counts(counts, labels, control=controls, cells=a, chunk_rows=chunk_rows)
+                ate_b = ate_from_counts(counts, labels, control=controls, cells=b, chunk_rows=chunk_rows)
+            else:
+                ate_a, ate_b = ate(a), ate(b)
         except CellpertInputError:
             break
         common = [c for c in ate_a.columns if c in set(ate_b.columns)]

@@ -30,10 +30,13 @@ Conventions
   effect; a label without training cells, e.g. a held-out combination, gets the additive
   sum), *additive* (the sum of the parts' training effects, for a single its own) and
   *mean* (the mean training effect).
-- **Model ATE**: ``estimator="counterfactual"`` (default) encodes the training control
-  cells, shifts them by each perturbation and decodes at their own depth, with a
-  posterior interval over the global latents (:func:`cellpert.evaluate.counterfactual_ate`);
-  ``estimator="prior"`` is the paper's (:func:`cellpert.evaluate.model_ate`).
+- **Model ATE**: ``estimator="posterior"`` (default) contrasts the model's denoised
+  training cells of each label with its denoised training control cells, each decoded at
+  draws of its own posterior and its own depth (:func:`cellpert.evaluate.posterior_ate`;
+  a label without training cells gets the counterfactual); ``estimator="counterfactual"``
+  encodes the training control cells, shifts them by each perturbation and decodes at
+  their own depth (:func:`cellpert.evaluate.counterfactual_ate`); ``estimator="prior"``
+  is the paper's (:func:`cellpert.evaluate.model_ate`).
 - **Held-out IWELBO**: ``model.get_iwelbo(split=iwelbo_split, n_samples=100)``, the mean
   over that split's cells (docs/models.md, *ATE space and data ATE*).
 """
@@ -69,6 +72,7 @@ from cellpert.evaluate._model_ate import (
     calibrate_interval,
     counterfactual_ate,
     model_ate,
+    posterior_ate,
 )
 
 __all__ = [
@@ -90,7 +94,9 @@ METRICS_UNS_KEY = "ate_metrics"
 #: Key of a data-only evaluation (no model).
 DATA_KEY = "data"
 
-Estimator = Literal["counterfactual", "prior"]
+Estimator = Literal["posterior", "counterfactual", "prior"]
+#: The estimators of :func:`compute_ate_evaluation`.
+ESTIMATORS = ("posterior", "counterfactual", "prior")
 
 
 @dataclass
@@ -282,15 +288,31 @@ def _predict(
     latent_shift: str = "empirical",
 ) -> ModelATE:  # fmt: skip
     """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`)."""
+    if estimator == "posterior" and (not hasattr(model, "get_posterior_expression") or split_values is None):
+        logger.warning("%s has no posterior estimator here (or no training split); using the counterfactual",
+                       type(model).__name__)  # fmt: skip
+        estimator = "counterfactual"
+    if estimator == "posterior":
+        cells = _basal_cells(screen, split_values)
+        label_cells = _label_cells(screen, split_values, labels)
+        return posterior_ate(
+            model, labels, control=screen.control_labels, cells=cells, label_cells=label_cells, n_draws=n_draws,
+            seed=seed, gene_names=screen.gene_names, cell_levels=None if levels is None else levels[cells],
+            weights=weights, label_cell_levels=None if levels is None else {
+                lab: levels[rows] for lab, rows in label_cells.items()},
+        )  # fmt: skip
     if estimator == "counterfactual" and not hasattr(model, "get_counterfactual_effects"):
         logger.warning("%s has no counterfactual estimator; using the prior estimator", type(model).__name__)
         estimator = "prior"
     if estimator == "counterfactual":
         cells = _basal_cells(screen, split_values)
+        label_cells = _label_cells(screen, split_values, labels)
         return counterfactual_ate(
             model, labels, control=screen.control_labels, cells=cells, n_draws=n_draws, seed=seed,
             gene_names=screen.gene_names, cell_levels=None if levels is None else levels[cells], weights=weights,
-            latent_shift=latent_shift, label_cells=_label_cells(screen, split_values, labels),
+            latent_shift=latent_shift, label_cells=label_cells,
+            label_cell_levels=None if levels is None or label_cells is None else {
+                lab: levels[rows] for lab, rows in label_cells.items()},
         )  # fmt: skip
     if levels is not None:
         raise CellpertInputError(
@@ -401,12 +423,12 @@ def _summary(
 def _ceiling(
     screen: PerturbationScreen, split_values: np.ndarray, shown: str, evaluated: list[str],
     train_cells: np.ndarray | None, summary: pd.DataFrame, config: dict[str, Any], *,
-    top_n: int, seed: int, chunk_rows: int,
+    top_n: int, seed: int, chunk_rows: int, ate_of: AteOf | None = None,
 ) -> None:  # fmt: skip
     """Noise ceiling of the shown split's target, and the r the training-cell average is
     expected to reach from noise alone (into ``summary`` and ``config``)."""
     cells, _ = _target_cells(screen, split_values, shown, evaluated)
-    kw = {"control": screen.control_labels, "top_n": top_n, "seed": seed, "chunk_rows": chunk_rows}
+    kw = {"control": screen.control_labels, "top_n": top_n, "seed": seed, "chunk_rows": chunk_rows, "ate": ate_of}
     ceil = noise_ceiling(screen.counts, screen.labels, cells=cells, evaluated=evaluated, **kw)
     summary.loc["ceiling_pearson", shown] = ceil["pearson"]
     summary.loc["ceiling_pearson_top", shown] = ceil["pearson_top"]
@@ -427,7 +449,7 @@ def compute_ate_evaluation(
     key: str | None = None,
     split: np.ndarray | str | None = None,
     data_cells: Literal["all", "split"] = "split",
-    estimator: Estimator = "counterfactual",
+    estimator: Estimator = "posterior",
     n_particles: int = 2500,
     n_groups: int = 50,
     n_draws: int = 100,
@@ -473,14 +495,18 @@ def compute_ate_evaluation(
         ``"all"`` (the SAMS-VAE paper's protocol): every split against the data ATE of
         all cells, training cells included.
     estimator
-        ``"counterfactual"`` (default): :func:`cellpert.evaluate.counterfactual_ate` on
-        the training control cells, with a posterior interval; ``"prior"`` (the paper's):
+        ``"posterior"`` (default): :func:`cellpert.evaluate.posterior_ate`, each label's
+        training cells against the training control cells, both denoised by the model
+        (decoded at draws of their own posterior, at their own depth), an interval from
+        the sampling of the cells; a label without training cells gets the
+        counterfactual. ``"counterfactual"``: :func:`cellpert.evaluate.counterfactual_ate`
+        on the training control cells. ``"prior"`` (the paper's):
         :func:`cellpert.evaluate.model_ate`, z^b from the prior, a Monte Carlo interval.
     n_particles, n_groups, library_size
         Options of the prior estimator.
     n_draws
-        Draws of the counterfactual estimator (of the empirical shifts' bootstrap, or of
-        the global latents).
+        Draws of the posterior estimator (per cell) and of the counterfactual estimator
+        (of the empirical shifts' bootstrap, or of the global latents).
     latent_shift
         The counterfactual estimator's shift of each label (:func:`counterfactual_ate`):
         ``"empirical"`` (default), measured where the label's training cells lie in the
@@ -516,8 +542,8 @@ def compute_ate_evaluation(
     key = key_added if key_added is not None else key
     if data_cells not in ("all", "split"):
         raise CellpertInputError(f"data_cells must be 'all' or 'split', not {data_cells!r}.")
-    if estimator not in ("counterfactual", "prior"):
-        raise CellpertInputError(f"estimator must be 'counterfactual' or 'prior', not {estimator!r}.")
+    if estimator not in ESTIMATORS:
+        raise CellpertInputError(f"estimator must be one of {', '.join(ESTIMATORS)}, not {estimator!r}.")
     if latent_shift not in ("empirical", "model"):
         raise CellpertInputError(f"latent_shift must be 'empirical' or 'model', not {latent_shift!r}.")
     timings: dict[str, float] = {}
@@ -626,7 +652,7 @@ def compute_ate_evaluation(
     if ceiling and held_out and shown in targets:
         t0 = time.perf_counter()
         _ceiling(screen, split_values, shown, list(target_shown.columns), train_cells, summary, config,
-                 top_n=top_n, seed=seed, chunk_rows=chunk_rows)  # fmt: skip
+                 top_n=top_n, seed=seed, chunk_rows=chunk_rows, ate_of=None if levels is None else ate_of)  # fmt: skip
         timings["ceiling_s"] = time.perf_counter() - t0
 
     # --- intervals recalibrated on the validation cells (the test cells stay unseen)

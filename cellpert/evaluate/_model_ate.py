@@ -29,7 +29,7 @@ from scipy import stats
 from cellpert._errors import CellpertInputError
 from cellpert.data import split_label
 
-__all__ = ["ModelATE", "calibrate_interval", "counterfactual_ate", "model_ate", "posterior_interval"]
+__all__ = ["ModelATE", "calibrate_interval", "counterfactual_ate", "model_ate", "posterior_ate", "posterior_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ def counterfactual_ate(
     weights: pd.Series | None = None,
     latent_shift: Literal["empirical", "model"] = "empirical",
     label_cells: Mapping[str, Sequence[int]] | None = None,
+    label_cell_levels: Mapping[str, Sequence[str]] | None = None,
 ) -> ModelATE:
     """Counterfactual model ATE on real control cells, with a posterior interval.
 
@@ -382,6 +383,14 @@ def counterfactual_ate(
     label_cells
         For the empirical shift: row indices of each label's training cells (the labels
         and, for combinations without cells, their parts). None: ``"model"`` is used.
+    label_cell_levels
+        With ``cell_levels`` and the empirical shift: the level of each of
+        ``label_cells[label]`` (same keys, same order). Each level's shifts are then
+        measured within the level (its cells of the label against its control cells),
+        so that a label whose cells are spread over the levels unlike the controls does
+        not carry that difference of composition into its effect; a label with fewer
+        than 2 cells in a level uses its shift over all levels there. None: one shift
+        over all levels.
     cell_levels, weights
         By level of a covariate (docs/models.md, *Covariates*): the level of each of
         ``cells`` and the weight of each level (:func:`cellpert.evaluate.level_weights`).
@@ -418,11 +427,29 @@ def counterfactual_ate(
         groups = [_shift_groups(label, label_cells) for label in labels]
         measured = model.get_empirical_shifts(groups, control_cells=cells, dosage=dosage, n_draws=int(n_draws), seed=seed)
         shifts = measured["draws"]
+    within_level = latent_shift == "empirical" and cell_levels is not None and label_cell_levels is not None
 
-    def effects(indices: np.ndarray) -> dict[str, Any]:
+    def level_shifts(level: str, controls: np.ndarray) -> np.ndarray:
+        """The empirical shifts measured within one level; a group with fewer than 2 cells
+        there keeps the shift over all levels."""
+        in_level = {
+            lab: np.asarray(rows, dtype=np.int64)[np.asarray(label_cell_levels[lab]).astype(str) == level]
+            for lab, rows in label_cells.items()
+        }
+        local = [_shift_groups(label, in_level) for label in labels]
+        usable = [bool(g) and all(len(c) >= 2 for c in g) for g in local]
+        local = [g if ok else [] for g, ok in zip(local, usable, strict=True)]
+        got = model.get_empirical_shifts(local, control_cells=controls, dosage=None, n_draws=int(n_draws), seed=seed)
+        out = got["draws"].copy()
+        missing = ~np.asarray(usable)
+        out[:, missing] = shifts[:, missing]
+        return out
+
+    def effects(indices: np.ndarray, level: str | None = None) -> dict[str, Any]:
         # the same seed in every level: the same draws of the global latents
+        use = level_shifts(level, indices) if within_level and level is not None and len(indices) >= 2 else shifts
         return model.get_counterfactual_effects(
-            dosage, indices=indices, n_draws=int(n_draws), transform=transform, basal=basal, seed=seed, shifts=shifts,
+            dosage, indices=indices, n_draws=int(n_draws), transform=transform, basal=basal, seed=seed, shifts=use,
         )  # fmt: skip
 
     columns = pd.Index(labels, name="label")
@@ -441,9 +468,9 @@ def counterfactual_ate(
         if weights is None:
             raise CellpertInputError("cell_levels needs the level weights (cellpert.evaluate.level_weights).")
         outs = {
-            str(lvl): effects(cells[cell_levels == lvl])
+            str(lvl): effects(cells[cell_levels == str(lvl)], str(lvl))
             for lvl in weights.index[weights > 0]
-            if (cell_levels == lvl).any()
+            if (cell_levels == str(lvl)).any()
         }
         if not outs:
             raise CellpertInputError("no level with a positive weight has control cells to build counterfactuals on.")
@@ -475,6 +502,7 @@ def counterfactual_ate(
         "transform": transform,
         "interval": float(interval),
         "latent_shift": latent_shift,
+        "shift_within_levels": bool(within_level),
         "interval_kind": (
             "bootstrap of the labels' and the controls' mean latent positions (sampling of the cells)"
             if latent_shift == "empirical" else "posterior interval over draws of the global latents (E, M)"
@@ -491,6 +519,159 @@ def counterfactual_ate(
         config=config,
         per_level=per_level,
     )
+
+
+def posterior_ate(
+    model: Any,
+    labels: Sequence[str],
+    *,
+    control: str | Sequence[str] = "control",
+    cells: Sequence[int],
+    label_cells: Mapping[str, Sequence[int]],
+    n_draws: int = 100,
+    interval: float = 0.9,
+    seed: int = 0,
+    gene_names: Sequence[str] | pd.Index | None = None,
+    cell_levels: Sequence[str] | None = None,
+    weights: pd.Series | None = None,
+    label_cell_levels: Mapping[str, Sequence[str]] | None = None,
+) -> ModelATE:
+    """Posterior-predictive model ATE: the model's denoised cells of each label against its controls.
+
+    cellpert's default estimator (docs/models.md, *ATE space and data ATE*). Every
+    training cell of a label, and every control cell ``cells``, is decoded at draws of its
+    own posterior (:meth:`~cellpert.models._base.CounterfactualMixin.get_posterior_expression`:
+    its latent from q under its own perturbation and covariates, counts drawn at its own
+    library size, in the perturbseq space), and the label's ATE is the mean over its cells
+    minus the mean over the controls. This is the data ATE of the same cells with each
+    cell's count noise replaced by the model's expectation, so it is in the same space,
+    at the same depths and over the same cells (hence the same mixture of responses and
+    of covariate levels) as the data ATE it predicts; scvi-tools contrasts groups of
+    cells the same way for differential expression. A label without at least 2 training
+    cells (e.g. a held-out combination) gets the counterfactual estimate
+    (:func:`counterfactual_ate`, the empirical shifts of its parts).
+
+    **The interval**: mean ± z · se, with se² = var(label cells)/n + var(controls)/m of the
+    cells' posterior-predictive values: the uncertainty of which cells were observed, not
+    that of the network weights (point estimates). Labels that fall back to the
+    counterfactual keep its interval.
+
+    Parameters
+    ----------
+    model
+        A trained model with ``get_posterior_expression`` (and, for the fallback,
+        ``get_counterfactual_effects``).
+    labels, control
+        Labels to predict; control label(s).
+    cells
+        Row indices of the control cells (e.g. the training split's).
+    label_cells
+        Row indices of each label's training cells (and of the parts of combinations
+        without cells).
+    n_draws
+        Posterior draws per cell (and draws of the counterfactual fallback).
+    interval
+        Level of the interval.
+    seed
+        Seeds every draw.
+    gene_names
+        Index of the results.
+    cell_levels, weights, label_cell_levels
+        By level of a covariate (docs/models.md, *Covariates*): the levels of ``cells``,
+        the weight of each level and the levels of ``label_cells``. The ATE within level
+        ℓ contrasts the label's cells in ℓ with ℓ's controls (a label with fewer than 2
+        cells in ℓ: the counterfactual on ℓ's controls); ``ate`` is the weighted mean
+        over levels, its se that of a weighted mean of independent estimates.
+
+    Returns
+    -------
+    ModelATE
+    """
+    labels, controls = _check_labels(labels, control)
+    if not 0.0 < float(interval) < 1.0:
+        raise CellpertInputError(f"interval must lie in (0, 1), e.g. 0.9, not {interval}.")
+    if not hasattr(model, "get_posterior_expression"):
+        raise CellpertInputError(f"{type(model).__name__} has no posterior estimator; use estimator='counterfactual'.")
+    cells = np.asarray(cells, dtype=np.int64)
+    if cells.size < 2:
+        raise CellpertInputError("the posterior ATE needs at least 2 control cells; check the split.")
+    z = float(stats.norm.ppf(0.5 + float(interval) / 2.0))
+    own = {lab: np.asarray(label_cells.get(lab, ()), dtype=np.int64) for lab in labels}
+    needed = np.unique(np.concatenate([cells, *own.values()]))
+    values = model.get_posterior_expression(needed, n_draws=int(n_draws), seed=seed)
+    row_of = {int(i): k for k, i in enumerate(needed)}
+    index = pd.Index(gene_names if gene_names is not None else np.arange(values.shape[1]), name="gene")
+    columns = pd.Index(labels, name="label")
+    cf_kw = {"control": controls, "n_draws": max(2, int(n_draws)), "interval": interval, "seed": seed,
+             "gene_names": index, "label_cells": label_cells}  # fmt: skip
+
+    def contrast(controls_: np.ndarray, groups: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Mean and se of each label's cells minus ``controls_``; the counterfactual where a
+        label has fewer than 2 cells."""
+        c = values[[row_of[int(i)] for i in controls_]]
+        c_mean, c_var = c.mean(0), c.var(0, ddof=1) / len(c)
+        mean = pd.DataFrame(np.nan, index=index, columns=columns)
+        se = mean.copy()
+        missing = []
+        for lab in labels:
+            rows = groups[lab]
+            if len(rows) < 2:
+                missing.append(lab)
+                continue
+            v = values[[row_of[int(i)] for i in rows]]
+            mean[lab] = v.mean(0) - c_mean
+            se[lab] = np.sqrt(v.var(0, ddof=1) / len(v) + c_var)
+        if missing:
+            cf = counterfactual_ate(model, missing, cells=controls_, **cf_kw)
+            mean[missing] = cf.ate[missing].to_numpy()
+            se[missing] = ((cf.hi - cf.lo)[missing] / (2 * z)).to_numpy()
+        return mean, se
+
+    per_level: dict[str, ModelATE] = {}
+    n_fallback = sum(len(own[lab]) < 2 for lab in labels)
+    if cell_levels is None:
+        ate, se = contrast(cells, own)
+    else:
+        cell_levels = np.asarray(cell_levels, dtype=object).astype(str)
+        if cell_levels.shape != cells.shape:
+            raise CellpertInputError(f"cell_levels has {cell_levels.size} values for {cells.size} cells.")
+        if weights is None or label_cell_levels is None:
+            raise CellpertInputError("cell_levels needs the level weights and label_cell_levels.")
+        lab_levels = {lab: np.asarray(label_cell_levels.get(lab, ()), dtype=object).astype(str) for lab in labels}
+        parts = {}
+        for lvl in weights.index[weights > 0]:
+            lvl = str(lvl)
+            controls_l = cells[cell_levels == lvl]
+            if len(controls_l) < 2:
+                continue
+            groups = {lab: own[lab][lab_levels[lab] == lvl] if len(own[lab]) else own[lab] for lab in labels}
+            m, e = contrast(controls_l, groups)
+            parts[lvl] = (float(weights[lvl]), m, e)
+            per_level[lvl] = ModelATE(ate=m, lo=m - z * e, hi=m + z * e,
+                                      config={"n_basal_cells": int(len(controls_l)), "weight": float(weights[lvl])})  # fmt: skip
+        if not parts:
+            raise CellpertInputError("no level with a positive weight has 2 control cells to contrast with.")
+        w_sum = sum(w for w, _, _ in parts.values())
+        ate = sum(w * m for w, m, _ in parts.values()) / w_sum
+        se = np.sqrt(sum((w * e) ** 2 for w, _, e in parts.values())) / w_sum
+    config = {
+        "estimator": "posterior",
+        "n_draws": int(n_draws),
+        "n_basal_cells": int(cells.size),
+        "n_label_cells": {lab: int(len(own[lab])) for lab in labels},
+        "n_counterfactual_labels": int(n_fallback),
+        "library_size": "observed (each cell's own)",
+        "space": "perturbseq",
+        "interval": float(interval),
+        "interval_kind": "mean ± z·se over the cells (sampling of the label's and the controls' cells)",
+        "seed": int(seed),
+        "latent_shift": "empirical (labels without cells: the counterfactual)",
+    }
+    if per_level:
+        config["levels"] = {lvl: m.config for lvl, m in per_level.items()}
+    logger.info("posterior ATE of %d labels (%d by the counterfactual) against %d control cells, %d draws per cell",
+                len(labels), n_fallback, cells.size, n_draws)  # fmt: skip
+    return ModelATE(ate=ate, lo=ate - z * se, hi=ate + z * se, config=config, per_level=per_level)
 
 
 def _shift_groups(label: str, label_cells: Mapping[str, Sequence[int]]) -> list[Sequence[int]]:

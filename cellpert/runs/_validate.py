@@ -364,7 +364,7 @@ RUN_OPTIONS: dict[str, Option] = {
 EVALUATE_OPTIONS: dict[str, Option] = {
     "split": choice("split shown", "train", "val", "test"),
     "data_cells": choice("cells of the data ATE", "split", "all"),
-    "estimator": choice("model ATE estimator", "counterfactual", "prior"),
+    "estimator": choice("model ATE estimator", "posterior", "counterfactual", "prior"),
     "n_particles": count("posterior predictive particles"),
     "n_groups": integer("groups of particles of the Monte Carlo interval", 2),
     "n_draws": integer("draws of the global latents", 2),

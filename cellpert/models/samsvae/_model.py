@@ -504,6 +504,12 @@ class _PerturbationVAE(
             tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY], covariates=self.module.covariates(tensors)
         )
 
+    def _posterior_rho(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Posterior-predictive hook: ρ of cells decoded at one draw of their posterior."""
+        return self.module.posterior_rho(
+            tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY], covariates=self.module.covariates(tensors)
+        )
+
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor | None:
         """Counterfactual hook: (P, T, K) draws of E ⊙ M from q (None: the conditional VAE)."""
         return self.module.sample_globals(n_draws)["effect"]

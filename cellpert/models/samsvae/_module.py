@@ -618,6 +618,20 @@ class PerturbationVAEModule(CovariateModuleMixin, BaseModuleClass):
         return self.decoder(*self._decoder_inputs(basal[None, None] + shift[:, :, None, :], None, covariates))
 
     @torch.inference_mode()
+    def posterior_rho(
+        self, x: torch.Tensor, dosage: torch.Tensor, *, covariates: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ρ of each cell decoded at one draw of its posterior: (B, G).
+
+        One draw of the global latents (E, M) ~ q, then z_i = z^b_i + D_i (E ⊙ M) with
+        z^b_i ~ q(z^b_i | x̃_i, D_i) (the conditional VAE: z_i ~ q(z_i | x̃_i, D_i),
+        decoded with D_i), each cell with its own covariates.
+        """
+        inf = self.inference(x, dosage, global_samples=self.sample_globals(1), covariates=covariates)
+        z = inf["z"][0] if inf["z"].dim() == 3 else inf["z"]
+        return self.decoder(*self._decoder_inputs(z, dosage if self.variant == "cvae" else None, covariates))
+
+    @torch.inference_mode()
     def latent_position(
         self, x: torch.Tensor, dosage: torch.Tensor, *, covariates: torch.Tensor | None = None, n_draws: int = 20
     ) -> torch.Tensor:

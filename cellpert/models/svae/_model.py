@@ -531,6 +531,10 @@ class SVAE(
         """Empirical-shift hook: the posterior mean of z, q(z | x[, c]), of any cell."""
         return self.module.inference(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))["qz_m"]
 
+    def _posterior_rho(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Posterior-predictive hook: ρ of cells decoded at one draw of q(z | x[, c])."""
+        return self.module.posterior_rho(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))
+
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor:
         """Counterfactual hook: the shifts, the same for every draw (μ and the masks are
         point estimates; masks thresholded at σ(log_alpha) = 0.5)."""

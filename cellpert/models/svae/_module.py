@@ -334,6 +334,11 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         rho = torch.softmax(self.decoder_out(self.decoder_body(flat)), dim=-1)
         return rho.reshape(*z.shape[:-1], rho.shape[-1])
 
+    @torch.inference_mode()
+    def posterior_rho(self, x: torch.Tensor, *, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """ρ of each cell decoded at one draw of its posterior, z_i ~ q(z_i | x_i[, c_i]): (B, G)."""
+        return self.decode_rho(self.inference(x, covariates=covariates)["z"], covariates)
+
     def counterfactual_rho(
         self,
         basal: torch.Tensor,
