@@ -55,6 +55,8 @@ def _summary_lines(evaluation, split: str) -> list[str]:
     ceil, ceil_top = summary.loc["ceiling_pearson", col], summary.loc["ceiling_pearson_top", col]
     if ceil == ceil:
         lines.append(f"{'ceiling':<10} {_fmt(ceil):>7} {'':>8} {_fmt(ceil_top):>9}   (a perfect predictor, from split halves)")
+        if ceil == 0.0:
+            lines.append(f"{'':<10} the split halves of the held-out cells do not agree: at this size the target is noise")
         expected = summary.loc["expected_train_average_pearson", col]
         if expected == expected:
             lines.append(f"{'':<10} the training-cell average is expected to reach r ≈ {expected:.3f} from noise alone")
@@ -81,7 +83,10 @@ def _summary_lines(evaluation, split: str) -> list[str]:
     target = evaluation.config.get("target") if col != "all" or evaluation.config.get("data_cells") == "all" else None
     estimator = evaluation.config.get("model_ate_estimator")
     shift = evaluation.config.get("model_ate_latent_shift")
-    if estimator and shift:
+    if estimator == "posterior":
+        estimator = ("posterior (each label's training cells against the training control cells, both denoised by "
+                     "the model; labels without training cells: counterfactual)")  # fmt: skip
+    elif estimator and shift:
         within = ", measured within each level" if evaluation.config.get("model_ate_shift_within_levels") else ""
         estimator = f"{estimator} ({shift} latent shift{within})"
     notes = [f"target: {target}" if target else "target: data ATE of all cells of each label"]

@@ -665,7 +665,7 @@ def posterior_ate(
         "interval": float(interval),
         "interval_kind": "mean ± z·se over the cells (sampling of the label's and the controls' cells)",
         "seed": int(seed),
-        "latent_shift": "empirical (labels without cells: the counterfactual)",
+        "latent_shift": "empirical",  # of the counterfactual fallback
     }
     if per_level:
         config["levels"] = {lvl: m.config for lvl, m in per_level.items()}
