@@ -292,32 +292,25 @@ def _predict(
         logger.warning("%s has no posterior estimator here (or no training split); using the counterfactual",
                        type(model).__name__)  # fmt: skip
         estimator = "counterfactual"
-    if estimator == "posterior":
-        cells = _basal_cells(screen, split_values)
-        label_cells = _label_cells(screen, split_values, labels)
-        return posterior_ate(
-            model, labels, control=screen.control_labels, cells=cells, label_cells=label_cells, n_draws=n_draws,
-            seed=seed, gene_names=screen.gene_names, cell_levels=None if levels is None else levels[cells],
-            weights=weights, label_cell_levels=None if levels is None else {
-                lab: levels[rows] for lab, rows in label_cells.items()},
-        )  # fmt: skip
     if estimator == "counterfactual" and not hasattr(model, "get_counterfactual_effects"):
         logger.warning("%s has no counterfactual estimator; using the prior estimator", type(model).__name__)
         estimator = "prior"
-    if estimator == "counterfactual":
+    if estimator in ("posterior", "counterfactual"):
         cells = _basal_cells(screen, split_values)
         label_cells = _label_cells(screen, split_values, labels)
-        return counterfactual_ate(
-            model, labels, control=screen.control_labels, cells=cells, n_draws=n_draws, seed=seed,
-            gene_names=screen.gene_names, cell_levels=None if levels is None else levels[cells], weights=weights,
-            latent_shift=latent_shift, label_cells=label_cells,
-            label_cell_levels=None if levels is None or label_cells is None else {
-                lab: levels[rows] for lab, rows in label_cells.items()},
-        )  # fmt: skip
+        by_level = {} if levels is None else {
+            "cell_levels": levels[cells], "weights": weights,
+            "label_cell_levels": None if label_cells is None else {lab: levels[rows] for lab, rows in label_cells.items()},
+        }  # fmt: skip
+        common = {"control": screen.control_labels, "cells": cells, "n_draws": n_draws, "seed": seed,
+                  "gene_names": screen.gene_names, "label_cells": label_cells, **by_level}  # fmt: skip
+        if estimator == "posterior":
+            return posterior_ate(model, labels, **common)
+        return counterfactual_ate(model, labels, latent_shift=latent_shift, **common)
     if levels is not None:
         raise CellpertInputError(
-            "ATEs by level need the counterfactual estimator (it keeps each control cell's level); "
-            "use estimator='counterfactual'."
+            "ATEs by level need the posterior or counterfactual estimator (they keep each cell's level); "
+            "use estimator='posterior' (the default)."
         )
     pred = model_ate(
         model, labels, control=screen.control_labels, n_particles=n_particles, n_groups=n_groups,
