@@ -599,7 +599,6 @@ def posterior_ate(
     own = {lab: np.asarray(label_cells.get(lab, ()), dtype=np.int64) for lab in labels}
     needed = np.unique(np.concatenate([cells, *own.values()]))
     values = model.get_posterior_expression(needed, n_draws=int(n_draws), seed=seed)
-    row_of = {int(i): k for k, i in enumerate(needed)}
     index = pd.Index(gene_names if gene_names is not None else np.arange(values.shape[1]), name="gene")
     columns = pd.Index(labels, name="label")
     cf_kw = {"control": controls, "n_draws": max(2, int(n_draws)), "interval": interval, "seed": seed,
@@ -608,7 +607,7 @@ def posterior_ate(
     def contrast(controls_: np.ndarray, groups: dict[str, np.ndarray]) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Mean and se of each label's cells minus ``controls_``; the counterfactual where a
         label has fewer than 2 cells."""
-        c = values[[row_of[int(i)] for i in controls_]]
+        c = values[np.searchsorted(needed, controls_)]  # needed is sorted and holds every row
         c_mean, c_var = c.mean(0), c.var(0, ddof=1) / len(c)
         mean = pd.DataFrame(np.nan, index=index, columns=columns)
         se = mean.copy()
@@ -618,7 +617,7 @@ def posterior_ate(
             if len(rows) < 2:
                 missing.append(lab)
                 continue
-            v = values[[row_of[int(i)] for i in rows]]
+            v = values[np.searchsorted(needed, rows)]
             mean[lab] = v.mean(0) - c_mean
             se[lab] = np.sqrt(v.var(0, ddof=1) / len(v) + c_var)
         if missing:
