@@ -90,7 +90,11 @@ def _model(name: str, adata, dataset: str, seed: int):
     return cls(adata, **kwargs)
 
 
-def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache: Path | None = None) -> list[dict]:
+ESTIMATOR_ROWS = ("combined", "posterior", "counterfactual", "counterfactual/model-shift", "prior")
+
+
+def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache: Path | None = None,
+            estimators: tuple[str, ...] = ESTIMATOR_ROWS) -> list[dict]:  # fmt: skip
     from cellpert.data.simulate import sams_true_ate
     from cellpert.evaluate import (
         additive_baseline,
@@ -121,15 +125,19 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
     rows = []
     truth = None
     # (name in the table, estimator, latent shift of the counterfactual estimator)
-    for estimator, kind, shift in (("posterior", "posterior", "empirical"),
+    first = next(e for e in ESTIMATOR_ROWS if e in estimators)  # carries the baselines and the ceiling
+    for estimator, kind, shift in (("combined", "combined", "empirical"),
+                                   ("posterior", "posterior", "empirical"),
                                    ("counterfactual", "counterfactual", "empirical"),
                                    ("counterfactual/model-shift", "counterfactual", "model"),
                                    ("prior", "prior", "empirical")):  # fmt: skip
+        if estimator not in estimators:
+            continue
         if kind == "prior" and SETTINGS.get(dataset, {}).get("level_key"):
             continue  # ATEs within levels need the counterfactual estimator
         ev = compute_ate_evaluation(
             screen, model, estimator=kind, n_draws=n_draws, n_particles=1000, n_groups=20,
-            ceiling=estimator == "posterior", iwelbo_samples=20, seed=seed, latent_shift=shift,
+            ceiling=estimator == first, iwelbo_samples=20, seed=seed, latent_shift=shift,
             level_key=SETTINGS.get(dataset, {}).get("level_key"),
         )  # fmt: skip
         s = ev.summary["test"]
@@ -140,16 +148,18 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
                 warnings.simplefilter("ignore")
                 predictors["model_additive"] = additive_baseline(ev.model_ate.ate, list(ev.model_ate.ate.columns),
                                                                  parts_of=screen.label_parts)  # fmt: skip
-        if estimator == "posterior":
+        if estimator == first:
             predictors.update(ev.baselines)
         for pred_name, frame in predictors.items():
             row = dict(common, estimator=estimator if pred_name.startswith("model") else "-", predictor=pred_name)
+            if pred_name == "model" and "model_ate_combined" in ev.config:
+                row["weight"] = ev.config["model_ate_combined"]["weight"]
             if pred_name == "model_additive":
                 _, own = ate_metrics(ev.data_ate, frame, top_n=20)
                 row.update({m: own[m] for m in ("pearson", "r2", "pearson_top")})
             else:
                 row.update({m: s[f"{pred_name}_{m}"] for m in ("pearson", "r2", "pearson_top")})
-            if estimator == "posterior":
+            if estimator == first:
                 row.update(ceiling=s["ceiling_pearson"], ceiling_top=s["ceiling_pearson_top"],
                            expected_train=s["expected_train_average_pearson"])  # fmt: skip
             if dataset == "sim":
@@ -170,7 +180,7 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    metrics = [c for c in ("pearson", "r2", "pearson_top", "ceiling", "ceiling_top", "expected_train",
+    metrics = [c for c in ("pearson", "r2", "pearson_top", "weight", "ceiling", "ceiling_top", "expected_train",
                            "truth_pearson", "truth_r2", "truth_pearson_top", "coverage", "coverage_calibrated") if c in frame]  # fmt: skip
     keys = ["dataset", "model", "estimator", "predictor"]
     grouped = frame.groupby(keys, sort=False)[metrics]
@@ -197,6 +207,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines")
     parser.add_argument("--cache", type=Path, default=None, help="save trained models here and reuse them")
     parser.add_argument("--quick", action="store_true", help="one seed, 100 steps, sim only")
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATOR_ROWS), choices=ESTIMATOR_ROWS,
+                        help="estimator rows to compute (the first carries the baselines and the ceiling)")  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.datasets, args.seeds, args.steps, args.n_draws = ["sim"], [0], 100, 10
@@ -211,7 +223,7 @@ def main() -> None:
     for dataset in args.datasets:
         for name in args.models:
             for seed in args.seeds:
-                new = run_one(dataset, name, seed, args.steps, args.n_draws, args.cache)
+                new = run_one(dataset, name, seed, args.steps, args.n_draws, args.cache, tuple(args.estimators))
                 rows += new
                 print(f"# {dataset} {name} seed {seed}: {new[0]['steps']} steps in {new[0]['train_s']} s; "
                       + ", ".join(f"{r['predictor']}/{r['estimator']} r {r['pearson']:.3f}" for r in new), flush=True)  # fmt: skip

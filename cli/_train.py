@@ -124,6 +124,14 @@ def train(
         str | None,
         typer.Option("--strategy", help="Lightning strategy, e.g. ddp (several devices or CPU processes)."),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="32 (default), bf16-mixed or 16-mixed: linear layers in half precision; likelihood, KL and "
+            "parameters stay float32.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out.")] = False,
     resume: Annotated[
         Path | None,
@@ -202,6 +210,7 @@ def train(
         "accelerator": accelerator,
         "devices": devices,
         "strategy": strategy,
+        "precision": precision,
     }
     options["checkpoint_every"] = checkpoint_every
     if resume is not None:

@@ -30,7 +30,10 @@ Conventions
   effect; a label without training cells, e.g. a held-out combination, gets the additive
   sum), *additive* (the sum of the parts' training effects, for a single its own) and
   *mean* (the mean training effect).
-- **Model ATE**: ``estimator="posterior"`` (default) contrasts the model's denoised
+- **Model ATE**: ``estimator="combined"`` (default) is the posterior estimate below
+  combined with the training-cell average, ``w · average + (1 − w) · posterior``, one
+  weight fitted on the validation cells (:func:`cellpert.evaluate.combine_with_average`;
+  the test cells are never used). ``estimator="posterior"`` contrasts the model's denoised
   training cells of each label with its denoised training control cells, each decoded at
   draws of its own posterior and its own depth (:func:`cellpert.evaluate.posterior_ate`;
   a label without training cells gets the counterfactual); ``estimator="counterfactual"``
@@ -70,6 +73,7 @@ from cellpert.evaluate._model_ate import (
     LibrarySize,
     ModelATE,
     calibrate_interval,
+    combine_with_average,
     counterfactual_ate,
     model_ate,
     posterior_ate,
@@ -94,9 +98,9 @@ METRICS_UNS_KEY = "ate_metrics"
 #: Key of a data-only evaluation (no model).
 DATA_KEY = "data"
 
-Estimator = Literal["posterior", "counterfactual", "prior"]
+Estimator = Literal["combined", "posterior", "counterfactual", "prior"]
 #: The estimators of :func:`compute_ate_evaluation`.
-ESTIMATORS = ("posterior", "counterfactual", "prior")
+ESTIMATORS = ("combined", "posterior", "counterfactual", "prior")
 
 
 @dataclass
@@ -287,7 +291,10 @@ def _predict(
     seed: int, levels: np.ndarray | None = None, weights: pd.Series | None = None,
     latent_shift: str = "empirical",
 ) -> ModelATE:  # fmt: skip
-    """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`)."""
+    """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`;
+    ``"combined"`` is combined with the average by the caller)."""
+    if estimator == "combined":
+        estimator = "posterior"
     if estimator == "posterior" and (not hasattr(model, "get_posterior_expression") or split_values is None):
         logger.warning("%s has no posterior estimator here (or no training split); using the counterfactual",
                        type(model).__name__)  # fmt: skip
@@ -442,7 +449,7 @@ def compute_ate_evaluation(
     key: str | None = None,
     split: np.ndarray | str | None = None,
     data_cells: Literal["all", "split"] = "split",
-    estimator: Estimator = "posterior",
+    estimator: Estimator = "combined",
     n_particles: int = 2500,
     n_groups: int = 50,
     n_draws: int = 100,
@@ -488,7 +495,11 @@ def compute_ate_evaluation(
         ``"all"`` (the SAMS-VAE paper's protocol): every split against the data ATE of
         all cells, training cells included.
     estimator
-        ``"posterior"`` (default): :func:`cellpert.evaluate.posterior_ate`, each label's
+        ``"combined"`` (default): the posterior estimate combined with the training-cell
+        average by one weight fitted on the validation cells
+        (:func:`cellpert.evaluate.combine_with_average`; without validation cells, the
+        posterior estimate alone; ``config["model_ate_combined"]`` records the weight).
+        ``"posterior"``: :func:`cellpert.evaluate.posterior_ate`, each label's
         training cells against the training control cells, both denoised by the model
         (decoded at draws of their own posterior, at their own depth), an interval from
         the sampling of the cells; a label without training cells gets the
@@ -625,6 +636,16 @@ def compute_ate_evaluation(
     if train_ate is not None:
         config["n_training_labels"] = int(train_ate.shape[1])
     predictions.update(baselines)
+    if estimator == "combined" and "average" in baselines:
+        # one weight, fitted on the validation cells' target (the test cells stay unseen)
+        pred = combine_with_average(
+            pred, baselines["average"], targets.get("val") if held_out else None,
+            average_se=_training_standard_errors(train_ate, labels, screen),
+            min_cells=train_ate.attrs.get("n_cells"),
+        )  # fmt: skip
+        predictions["model"] = pred.ate
+        config["model_ate_combined"] = pred.config["combined"]
+        config["model_ate_estimator"] = "combined"
 
     # --- per-perturbation metrics (against the shown split's target)
     for name, frame in predictions.items():

@@ -136,6 +136,13 @@ def _notes(evaluation: AteEvaluation) -> str:
     """What every figure used, the noise ceiling and how far the intervals can be trusted."""
     config = evaluation.config
     items = [f"Every table and figure is scored against: {config.get('target', 'the data ATE')}."]
+    combined = config.get("model_ate_combined")
+    if combined and config.get("model_ate_estimator") == "combined":
+        items.append(
+            f"Combined estimator: {combined['weight']:.2f} x the training-cell average + "
+            f"{1 - combined['weight']:.2f} x the model's posterior estimate, the weight fitted on the validation "
+            f"cells ({combined['how']}; {combined['combined_labels']} labels combined)."
+        )
     if config.get("model_ate_estimator"):
         items.append(
             f"Model ATE: {config['model_ate_estimator']} estimator; interval: {config.get('model_ate_interval_kind')}. "

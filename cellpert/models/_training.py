@@ -66,6 +66,12 @@ __all__ = [
 #: Steps between two periodic checkpoints (each at the first point after them where a
 #: resume is exact).
 DEFAULT_CHECKPOINT_EVERY = 1000
+#: Lightning precisions ``train`` accepts. In the mixed ones the linear layers run in half
+#: precision under autocast; every network's outputs (Normal parameters, decoder logits)
+#: are cast to float32, so the softmax over genes, the NB / Poisson log-likelihoods, the
+#: Normal densities, KL terms and the global variables' terms stay in float32, as do the
+#: parameters and Adam's state.
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 #: Minibatch reader: ``"random"`` (scvi-tools' loader: rows at random positions),
 #: ``"block"`` (block-shuffled reads, for counts on disk) or ``"auto"`` (block when the
@@ -113,6 +119,10 @@ COMMON_TRAIN_DOC = """
             stay scaled by the counts of the whole training split (they are module
             buffers set before training), and the validation metrics are all-reduced,
             so early stopping and best-state restore take the same decision on every rank.
+        precision
+            Lightning precision (None: float32). ``"bf16-mixed"`` (CPU or a recent GPU)
+            or ``"16-mixed"`` (CUDA, with loss scaling) run the linear layers in half
+            precision; what stays in float32 is listed at :data:`PRECISIONS`.
         loader
             ``"auto"`` (default: block-shuffled when the counts are on disk, a backed
             AnnData; scvi-tools' fully shuffled loader otherwise), ``"random"`` or
@@ -279,6 +289,7 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         strategy: str | None = None,
+        precision: str | None = None,
         loader: Loader = "auto",
         block_size: int = DEFAULT_BLOCK_SIZE,
         fetch_factor: int = DEFAULT_FETCH_FACTOR,
@@ -345,6 +356,12 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         trainer_kwargs.setdefault("enable_model_summary", False)
         if strategy is not None:
             trainer_kwargs["strategy"] = strategy
+        if precision is not None:
+            if str(precision) not in PRECISIONS:
+                raise CellpertInputError(
+                    f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}."
+                )
+            trainer_kwargs["precision"] = str(precision)
         datamodule = self._datamodule(
             train_idx, val_idx, batch_size, loader=loader, block_size=block_size, fetch_factor=fetch_factor, seed=seed
         )

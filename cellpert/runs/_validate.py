@@ -345,6 +345,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "accelerator": Option("choice", "Lightning accelerator", choices=ACCELERATORS, objects=True),
     "devices": Option("devices", "Lightning devices"),
     "strategy": Option("choice", "Lightning strategy", choices=_lightning_strategies, objects=True),
+    "precision": choice("Lightning precision", "32", "32-true", "bf16-mixed", "16-mixed"),
     "loader": choice("minibatch reader", "auto", "random", "block"),
     "block_size": count("cells per shuffled block"),
     "fetch_factor": count("minibatches read at once"),
@@ -364,7 +365,7 @@ RUN_OPTIONS: dict[str, Option] = {
 EVALUATE_OPTIONS: dict[str, Option] = {
     "split": choice("split shown", "train", "val", "test"),
     "data_cells": choice("cells of the data ATE", "split", "all"),
-    "estimator": choice("model ATE estimator", "posterior", "counterfactual", "prior"),
+    "estimator": choice("model ATE estimator", "combined", "posterior", "counterfactual", "prior"),
     "n_particles": count("posterior predictive particles"),
     "n_groups": integer("groups of particles of the Monte Carlo interval", 2),
     "n_draws": integer("draws of the global latents", 2),

@@ -47,6 +47,7 @@ def nb_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch
     -------
     Log-probabilities of shape ``broadcast(x, log_mu).shape[:-1]``.
     """
+    log_mu, log_theta = log_mu.float(), log_theta.float()  # float32 under mixed precision too
     theta = torch.exp(log_theta)
     log_denominator = torch.logaddexp(log_theta, log_mu)
     mean_part = (x * log_mu - (theta + x) * log_denominator).sum(-1) + (theta * log_theta).sum(-1)
@@ -112,12 +113,14 @@ class NBDecoder(nn.Module):
         return self.log_theta[batch_index]
 
     def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
-        """Normalised expression ρ (softmax over genes)."""
-        return torch.softmax(self.out(self.body(*inputs)), dim=-1)
+        """Normalised expression ρ (softmax over genes, in float32)."""
+        return torch.softmax(self.out(self.body(*inputs)).float(), dim=-1)
 
     def log_rho(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """``log ρ`` (log-softmax over genes), for :func:`nb_log_prob_log_mean`."""
-        return torch.log_softmax(self.out(self.body(*inputs)), dim=-1)
+        # the logits leave the (possibly half-precision) layers as float32: a softmax over
+        # thousands of genes and the NB terms need its range and precision
+        return torch.log_softmax(self.out(self.body(*inputs)).float(), dim=-1)
 
 
 def perturbseq_transform(x: torch.Tensor) -> torch.Tensor:

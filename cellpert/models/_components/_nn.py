@@ -109,4 +109,7 @@ class GaussianHead(nn.Module):
         self.var_eps = var_eps
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loc(h), torch.sqrt(torch.exp(self.log_var(h)) + self.var_eps)
+        # float32 out of the (possibly half-precision) layer: the Normal's densities and KL
+        # terms downstream stay in float32 under mixed precision
+        loc, log_var = self.loc(h).float(), self.log_var(h).float()
+        return loc, torch.sqrt(torch.exp(log_var) + self.var_eps)

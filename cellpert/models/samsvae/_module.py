@@ -359,7 +359,7 @@ class PerturbationVAEModule(CovariateModuleMixin, BaseModuleClass):
             offset = None
         else:
             # offset_i = Σ_t D_it (E_t ⊙ M_t): (P, B, K)
-            offset = torch.matmul(dosage, effect)
+            offset = torch.matmul(dosage, effect).float()  # float32 under mixed precision
             if self.encoder_input == "offset":
                 # the first layer's offset product W (D_i (E ⊙ M)) = D_i ((E ⊙ M) W^T): a
                 # (P, T, H) product instead of a (P, B, H) one over the minibatch

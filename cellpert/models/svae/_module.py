@@ -268,6 +268,7 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         if self.encode_covariates:
             h = self._with_covariates(h, covariates)
         qz_m, qz_v, _ = self.encoder(h)
+        qz_m, qz_v = qz_m.float(), qz_v.float()  # float32 under mixed precision
         qz_s = torch.sqrt(qz_v)
         shape = qz_m.shape if n_samples is None else (n_samples, *qz_m.shape)
         # latent z_i ~ q(z_i | x_i) = N(qz_m, qz_v), reparameterised
@@ -311,7 +312,7 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         # latent prior z_i ~ N(m_i ⊙ μ_{a_i}, I) (N(0, I) for controls / the plain VAE)
         pz_m = self.prior_mean(label)
         h = self.decoder_body(self._with_covariates(z, covariates))
-        log_rho = torch.log_softmax(self.decoder_out(h), dim=-1)
+        log_rho = torch.log_softmax(self.decoder_out(h).float(), dim=-1)
         log_theta = self.log_theta_of(batch_index)
         return {"log_mu": log_mean_counts(library, log_rho), "log_theta": log_theta, "pz_m": pz_m}
 
@@ -331,7 +332,7 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         """
         zc = self._with_covariates(z, covariates)
         flat = zc.reshape(-1, zc.shape[-1])
-        rho = torch.softmax(self.decoder_out(self.decoder_body(flat)), dim=-1)
+        rho = torch.softmax(self.decoder_out(self.decoder_body(flat)).float(), dim=-1)
         return rho.reshape(*z.shape[:-1], rho.shape[-1])
 
     @torch.inference_mode()
