@@ -113,3 +113,21 @@ def test_simulating_in_blocks_writes_the_same_screen_as_in_memory(tmp_path):
     np.testing.assert_array_equal(
         on_disk.uns["cellpert"]["ground_truth"]["mask"], in_memory.uns["cellpert"]["ground_truth"]["mask"]
     )
+
+
+def test_comparative_model_reads_a_backed_file_in_block_order_like_memory(csr_file):
+    """The comparative model from disk: block-shuffled proportional minibatches by default
+    (loader "auto"), and the same model as in memory with the same order."""
+    from cellpert.models.comparative import ComparativeVAE
+
+    results = []
+    for backed in (False, True):
+        _, adata = _prepared(csr_file, backed=backed)
+        ComparativeVAE.setup_anndata(adata)
+        model = ComparativeVAE(adata, n_background_latent=2, n_salient_latent=2, n_hidden=16, seed=1)
+        dm = model._datamodule(model.split_indices("train"), model.split_indices("val"), 32, loader="auto")
+        assert dm.block_size == (64 if backed else None)
+        model.train(max_steps=20, batch_size=32, loader="block")
+        results.append(float(model.history["elbo_train"].to_numpy().ravel()[-1]))
+    assert np.isfinite(results).all()
+    assert results[0] == pytest.approx(results[1], rel=1e-6)

@@ -126,6 +126,35 @@ def test_proportional_batches_cover_every_cell_once_in_proportion():
     assert len(tiny) == 3 and all((~np.r_[np.zeros(3, bool), np.ones(997, bool)][b]).sum() == 1 for b in tiny)
 
 
+def test_block_shuffled_proportional_batches_read_few_blocks():
+    """From a file on disk: still every cell once and the sets in proportion, but each
+    minibatch comes from a few blocks of consecutive rows (the window of fetch_factor
+    minibatches' share of each set), far fewer than a full shuffle's, in a seeded order."""
+
+    def blocks(batch) -> int:  # blocks of 64 consecutive positions of each set (background: 0-1999)
+        b = np.asarray(batch)
+        return len(np.unique(np.where(b < 2000, b // 64, 1000 + (b - 2000) // 64)))
+
+    is_target = np.r_[np.zeros(2000, bool), np.ones(8000, bool)]
+    torch.manual_seed(0)
+    full = list(ProportionalBatchSampler(is_target, batch_size=256))
+    torch.manual_seed(0)
+    batches = list(ProportionalBatchSampler(is_target, batch_size=256, block_size=64, fetch_factor=4))
+    assert len(batches) == len(full) == 40
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(10_000))
+    for batch in batches:
+        assert 50 <= int((~is_target[batch]).sum()) <= 51  # 2000 / 40 background cells per batch
+    # each set's window is 4 minibatches' share (4 x 200 target rows: 12.5 blocks; 4 x 50
+    # background rows: 3.1 blocks), shuffled: a minibatch touches more than one window's
+    # worth of neither, and more blocks than a plain run of consecutive rows would
+    touched = [blocks(b) for b in batches]
+    assert max(touched) <= 14 + 5 and min(touched) > 6
+    assert np.mean(touched) < 0.2 * np.mean([blocks(b) for b in full])
+    torch.manual_seed(0)
+    again = list(ProportionalBatchSampler(is_target, batch_size=256, block_size=64, fetch_factor=4))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
 # -------------------------------------------------------------------------- model
 @pytest.fixture(scope="module")
 def simulated():

@@ -309,12 +309,20 @@ class ComparativeVAE(
         "restore_best": False,
     }
 
-    def _datamodule(self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, *, loader: str, **_: Any) -> Any:
-        """Minibatches hold background and target cells in proportion (see the splitter;
-        its rows are read at random positions, from memory or from a backed file)."""
-        if loader == "block":
-            raise CellpertInputError("the comparative model has its own proportional loader; use loader='auto'.")
-        return ComparativeDataSplitter(self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size)
+    def _datamodule(
+        self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, *, loader: str, block_size: int = 64,
+        fetch_factor: int = 16, **_: Any,
+    ) -> Any:  # fmt: skip
+        """Minibatches hold background and target cells in proportion (see the splitter).
+        ``loader="block"``, or ``"auto"`` on a backed AnnData: each set in block-shuffled
+        order (runs of consecutive rows); ``"random"`` (the in-memory default): a full shuffle."""
+        if loader not in ("auto", "random", "block"):
+            raise CellpertInputError(f"loader must be 'auto', 'random' or 'block', not {loader!r}.")
+        blocks = loader == "block" or (loader == "auto" and getattr(self.adata, "isbacked", False))
+        return ComparativeDataSplitter(
+            self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size,
+            block_size=int(block_size) if blocks else None, fetch_factor=int(fetch_factor),
+        )  # fmt: skip
 
     def train(
         self,
