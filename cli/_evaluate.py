@@ -183,6 +183,14 @@ def evaluate_ate(
     n_draws: Annotated[
         int, typer.Option("--n-draws", help="Draws per cell (posterior) or of the counterfactual estimator.")
     ] = 100,
+    max_cells: Annotated[
+        int,
+        typer.Option(
+            "--max-cells",
+            help="Posterior estimator: cells decoded per label and for the controls (larger groups: that many "
+            "drawn at random), so that time and memory do not grow with the screen.",
+        ),
+    ] = 1000,
     latent_shift: Annotated[
         str,
         typer.Option(
@@ -271,6 +279,8 @@ def evaluate_ate(
         )
     if pool not in ("control", "uniform"):
         raise CellpertInputError(f"--pool must be control or uniform, not {pool!r}.")
+    if max_cells < 2:
+        raise CellpertInputError(f"--max-cells must be at least 2, not {max_cells}.")
     if n_draws < 2:
         raise CellpertInputError(f"--n-draws must be at least 2, not {n_draws}.")
     lib: str | float = library_size
@@ -303,6 +313,7 @@ def evaluate_ate(
         n_particles=n_particles,
         n_groups=n_groups,
         n_draws=n_draws,
+        max_cells=max_cells,
         ceiling=not no_ceiling,
         library_size=lib,  # type: ignore[arg-type]
         top_n=top_n,

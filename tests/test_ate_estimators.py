@@ -234,8 +234,10 @@ def test_default_scoring_never_uses_a_cell_twice(sim_screen, cpa, monkeypatch):
     monkeypatch.setattr(type(cpa), "get_posterior_expression", spy_post)
     ev = compute_ate_evaluation(sim_screen, cpa, n_draws=5, iwelbo_samples=5, ceiling=False)
     split = cpa.split_values()
-    assert len(decoded) == 1 and (split[decoded[0]] == "train").all()
-    assert sim_screen.is_control[decoded[0]].any() and not sim_screen.is_control[decoded[0]].all()
+    every = np.concatenate(decoded)
+    assert len(decoded) > 1 and (split[every] == "train").all()  # one call per group of cells
+    assert sim_screen.is_control[every].any() and not sim_screen.is_control[every].all()
+    assert len(every) == len(np.unique(every))  # each cell decoded once
     compute_ate_evaluation(sim_screen, cpa, estimator="counterfactual", n_draws=5, iwelbo_samples=5, ceiling=False)
     test_target = next(c for c in seen if c.any() and (split[c] == "test").all())
     train_base = next(c for c in seen if c.any() and (split[c] == "train").all())
@@ -608,10 +610,12 @@ class _KnownValues:
 
     def __init__(self, values):
         self.values = np.asarray(values, dtype=np.float64)
-        self.asked = None
+        self.asked: list[int] = []
+        self.calls: list[np.ndarray] = []
 
     def get_posterior_expression(self, indices, *, n_draws, seed):
-        self.asked = np.asarray(indices)
+        self.asked += list(np.asarray(indices))
+        self.calls.append(np.asarray(indices))
         return self.values[np.asarray(indices)]
 
 
@@ -626,8 +630,18 @@ def test_posterior_ate_is_the_contrast_of_the_cells_values_by_hand():
         se = np.sqrt(values[rows].var(0, ddof=1) / len(rows) + values[controls].var(0, ddof=1) / len(controls))
         np.testing.assert_allclose(out.ate[lab].to_numpy(), diff, rtol=1e-12)
         np.testing.assert_allclose((out.hi - out.lo)[lab].to_numpy(), 2 * 1.6448536 * se, rtol=1e-6)
-    assert set(model.asked) == set(range(30))  # each cell decoded once
+    assert sorted(model.asked) == list(range(30))  # each cell decoded once
     assert out.config["estimator"] == "posterior" and out.config["n_counterfactual_labels"] == 0
+    # a cap on the cells per group: each group is represented by max_cells of its cells
+    capped_model = _KnownValues(values)
+    capped = posterior_ate(capped_model, ["A", "B"], cells=controls, label_cells={"A": a, "B": b}, max_cells=5)
+    assert [len(c) for c in capped_model.calls] == [5, 5, 5] and capped.config["n_decoded_cells"] == 15
+    c_rows, a_rows, b_rows = (next(c for c in capped_model.calls if set(c) <= set(g)) for g in (controls, a, b))
+    np.testing.assert_allclose(capped.ate["B"], values[b_rows].mean(0) - values[c_rows].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(capped.ate["A"], values[a_rows].mean(0) - values[c_rows].mean(0), rtol=1e-12)
+    assert not (np.array_equal(b_rows, b[:5]) and np.array_equal(a_rows, a[:5]))  # drawn at random
+    again = posterior_ate(_KnownValues(values), ["A", "B"], cells=controls, label_cells={"A": a, "B": b}, max_cells=5)
+    pd.testing.assert_frame_equal(again.ate, capped.ate)  # seeded
     # by level: each level's own contrast, pooled with the weights
     levels = np.array(["x", "y"] * 15)
     w = pd.Series({"x": 3.0, "y": 1.0})

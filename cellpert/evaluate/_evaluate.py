@@ -70,6 +70,7 @@ from cellpert.evaluate._ate import (
 )
 from cellpert.evaluate._levels import Pool, level_values, level_weights, pooled_ate
 from cellpert.evaluate._model_ate import (
+    DEFAULT_MAX_CELLS,
     LibrarySize,
     ModelATE,
     calibrate_interval,
@@ -289,7 +290,7 @@ def _predict(
     screen: PerturbationScreen, model: Any, labels: list[str], split_values: np.ndarray | None, *,
     estimator: Estimator, n_particles: int, n_groups: int, n_draws: int, library_size: LibrarySize | float,
     seed: int, levels: np.ndarray | None = None, weights: pd.Series | None = None,
-    latent_shift: str = "empirical",
+    latent_shift: str = "empirical", max_cells: int | None = DEFAULT_MAX_CELLS,
 ) -> ModelATE:  # fmt: skip
     """The model's ATE of every label with the chosen estimator (see :func:`compute_ate_evaluation`;
     ``"combined"`` is combined with the average by the caller)."""
@@ -312,7 +313,7 @@ def _predict(
         common = {"control": screen.control_labels, "cells": cells, "n_draws": n_draws, "seed": seed,
                   "gene_names": screen.gene_names, "label_cells": label_cells, **by_level}  # fmt: skip
         if estimator == "posterior":
-            return posterior_ate(model, labels, **common)
+            return posterior_ate(model, labels, max_cells=max_cells, **common)
         return counterfactual_ate(model, labels, latent_shift=latent_shift, **common)
     if levels is not None:
         raise CellpertInputError(
@@ -453,6 +454,7 @@ def compute_ate_evaluation(
     n_particles: int = 2500,
     n_groups: int = 50,
     n_draws: int = 100,
+    max_cells: int | None = DEFAULT_MAX_CELLS,
     library_size: LibrarySize | float = "fixed",
     top_n: int = 20,
     iwelbo_split: str = "test",
@@ -511,6 +513,9 @@ def compute_ate_evaluation(
     n_draws
         Draws of the posterior estimator (per cell) and of the counterfactual estimator
         (of the empirical shifts' bootstrap, or of the global latents).
+    max_cells
+        Cells the posterior estimator decodes per group (a label's training cells, the
+        controls), drawn at random from larger groups (:func:`posterior_ate`); None: all.
     latent_shift
         The counterfactual estimator's shift of each label (:func:`counterfactual_ate`):
         ``"empirical"`` (default), measured where the label's training cells lie in the
@@ -625,7 +630,7 @@ def compute_ate_evaluation(
     pred = _predict(
         screen, model, labels, split_values, estimator=estimator, n_particles=n_particles,
         n_groups=n_groups, n_draws=n_draws, library_size=library_size, seed=seed, levels=levels, weights=weights,
-        latent_shift=latent_shift,
+        latent_shift=latent_shift, max_cells=max_cells,
     )  # fmt: skip
     timings["model_ate_s"] = time.perf_counter() - t0
     config.update({f"model_ate_{k}": v for k, v in pred.config.items()})

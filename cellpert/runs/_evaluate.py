@@ -76,7 +76,7 @@ def evaluate_ate(
         run's ``batch_key``, else its first categorical covariate, else none; None: none.
     **options
         Options of :func:`cellpert.evaluate.compute_ate_evaluation` (``data_cells``,
-        ``estimator``, ``n_particles``, ``n_groups``, ``n_draws``, ``library_size``,
+        ``estimator``, ``n_particles``, ``n_groups``, ``n_draws``, ``max_cells``, ``library_size``,
         ``top_n``, ``iwelbo_samples``, ``ceiling``, ``seed``, ``latent_shift``), passed on unchanged.
 
     Writes

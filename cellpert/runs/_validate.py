@@ -369,6 +369,7 @@ EVALUATE_OPTIONS: dict[str, Option] = {
     "n_particles": count("posterior predictive particles"),
     "n_groups": integer("groups of particles of the Monte Carlo interval", 2),
     "n_draws": integer("draws of the global latents", 2),
+    "max_cells": integer("cells the posterior estimator decodes per group", 2),
     "library_size": number("library size of the prior estimator", 0, low_open=True, also=("fixed", "empirical")),
     "top_n": count("genes per perturbation of the top-N metrics"),
     "iwelbo_samples": count("importance samples of the IWELBO"),
