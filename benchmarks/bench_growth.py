@@ -24,7 +24,8 @@ Usage::
 
     python benchmarks/bench_growth.py --grid cells genes perts --steps 100 --json /tmp/growth.json
     python benchmarks/bench_growth.py --grid file --file /tmp/cellpert_1m/screen.h5ad --json /tmp/g1m.json
-    python benchmarks/bench_growth.py --figure /tmp/growth.json --out benchmarks/figures/scale_growth.png
+    python benchmarks/bench_growth.py --figure /tmp/growth.json,/tmp/g1m.json --out benchmarks/figures/scale_growth.png
+    python benchmarks/bench_growth.py --table /tmp/growth.json,/tmp/g1m.json
 """
 
 from __future__ import annotations
@@ -185,6 +186,36 @@ def figure(rows: list[dict], out: Path) -> None:
     print(f"wrote {out}")
 
 
+def table(rows: list[dict]) -> str:
+    """The rows as two markdown tables: training (and evaluation) rows, and loader rows."""
+    train = [r for r in rows if "steps_per_s" in r]
+    load = [r for r in rows if "loader_cells_per_s" in r]
+    out = [
+        "| grid | model | cells | genes | perts | where | steps/s | cells/s | train wall (s) | train peak RSS (GB) "
+        "| evaluate-ate wall (s) | evaluate-ate peak RSS (GB) |",
+        "|" + "---|" * 12,
+    ]
+    for r in train:
+        out.append(
+            f"| {r['grid']} | {r['model']} | {r['cells']:,} | {r['genes']:,} | {r.get('perts', '')} | "
+            f"{'backed' if r['backed'] else 'memory'} | {r['steps_per_s']:.2f} | {r['cells_per_s']:,.0f} | "
+            f"{r['train_wall_s']:.0f} | {r['train_peak_rss_gb']:.2f} | {r.get('eval_wall_s', '')} | "
+            f"{r.get('eval_peak_rss_gb', '')} |"
+        )
+    out += [
+        "",
+        "| cells | genes | loader | cells/s (loader alone) | peak RSS (GB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in load:
+        where = f"{'backed' if r['backed'] else 'memory'} / {r['loader']}"
+        out.append(
+            f"| {r['cells']:,} | {r['genes']:,} | {where} | {r['loader_cells_per_s']:,.0f} | "
+            f"{r['loader_peak_rss_gb']:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,7 +237,16 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "figures" / "scale_growth.png"
     )
+    parser.add_argument(
+        "--table", type=Path, default=None, help="print the markdown tables of this JSON and exit"
+    )
     args = parser.parse_args()
+    if args.table is not None:
+        rows = []
+        for part in str(args.table).split(","):
+            rows += json.loads(Path(part).read_text())
+        print(table(rows))
+        return
     if args.figure is not None:
         rows = []
         for part in str(args.figure).split(","):
