@@ -247,6 +247,17 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
     #: Logged validation metric of early stopping and best-state restore.
     _monitor: ClassVar[str] = "elbo_validation"
 
+    def _block_order(self, loader: Loader, block_size: int, fetch_factor: int) -> bool:
+        """Whether minibatches are read in block-shuffled order: ``loader="block"``, or
+        ``"auto"`` on a backed AnnData (options checked)."""
+        if loader not in ("auto", "random", "block"):
+            raise CellpertInputError(f"loader must be 'auto', 'random' or 'block', not {loader!r}.")
+        if int(block_size) < 1 or int(fetch_factor) < 1:
+            raise CellpertInputError(
+                f"block_size and fetch_factor must be positive integers, not {block_size} and {fetch_factor}."
+            )
+        return loader == "block" or (loader == "auto" and bool(getattr(self.adata, "isbacked", False)))
+
     def _datamodule(
         self, train_idx: np.ndarray, val_idx: np.ndarray, batch_size: int, *, loader: Loader,
         block_size: int, fetch_factor: int, seed: int,
@@ -256,15 +267,9 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
         ``loader="block"``, or ``"auto"`` on a backed AnnData: the block-shuffled reader
         of :mod:`cellpert.models._datamodule`.
         """
-        if loader not in ("auto", "random", "block"):
-            raise CellpertInputError(f"loader must be 'auto', 'random' or 'block', not {loader!r}.")
-        if loader == "block" or (loader == "auto" and getattr(self.adata, "isbacked", False)):
+        if self._block_order(loader, block_size, fetch_factor):
             from cellpert.models._datamodule import BlockShuffledDataModule
 
-            if int(block_size) < 1 or int(fetch_factor) < 1:
-                raise CellpertInputError(
-                    f"block_size and fetch_factor must be positive integers, not {block_size} and {fetch_factor}."
-                )
             return BlockShuffledDataModule(
                 self.adata_manager, train_idx, val_idx, batch_size, block_size=block_size,
                 fetch_factor=fetch_factor, seed=seed,

@@ -49,11 +49,12 @@ def nb_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor, log_theta: torch
     """
     log_mu, log_theta = log_mu.float(), log_theta.float()  # float32 under mixed precision too
     theta = torch.exp(log_theta)
-    # θ log(θ/(θ+μ)) = −θ softplus(log μ − log θ) and x log(μ/(θ+μ)) = −x softplus(log θ − log μ):
-    # no difference of large terms, so a gene whose θ has grown large (near-Poisson genes
-    # after long training reach θ ~ 1e8) keeps float32 accuracy; θ log θ − (θ + x) log(θ + μ)
-    # summed over genes lost whole nats there
-    mean_part = -(theta * nn.functional.softplus(log_mu - log_theta) + x * nn.functional.softplus(log_theta - log_mu))
+    # with s = softplus(log μ − log θ) = log(1 + μ/θ): θ log(θ/(θ+μ)) + x log(μ/(θ+μ))
+    # = −(θ + x) s + x (log μ − log θ), one softplus and no difference of large terms, so a
+    # gene whose θ has grown large (near-Poisson genes after long training reach θ ~ 1e8)
+    # keeps float32 accuracy; θ log θ − (θ + x) log(θ + μ) summed over genes lost whole nats
+    s = nn.functional.softplus(log_mu - log_theta)
+    mean_part = x * (log_mu - log_theta) - (theta + x) * s
     # lgamma(x + θ) − lgamma(θ) cancels the same way for large θ: float64 (once per cell, not per particle)
     theta64, x64 = theta.double(), x.double()
     count_part = (torch.lgamma(x64 + theta64) - torch.lgamma(theta64) - torch.lgamma(x64 + 1.0)).sum(-1)

@@ -316,9 +316,7 @@ class ComparativeVAE(
         """Minibatches hold background and target cells in proportion (see the splitter).
         ``loader="block"``, or ``"auto"`` on a backed AnnData: each set in block-shuffled
         order (runs of consecutive rows); ``"random"`` (the in-memory default): a full shuffle."""
-        if loader not in ("auto", "random", "block"):
-            raise CellpertInputError(f"loader must be 'auto', 'random' or 'block', not {loader!r}.")
-        blocks = loader == "block" or (loader == "auto" and getattr(self.adata, "isbacked", False))
+        blocks = self._block_order(loader, block_size, fetch_factor)
         return ComparativeDataSplitter(
             self.adata_manager, train_idx, val_idx, self._is_target() > 0.5, batch_size,
             block_size=int(block_size) if blocks else None, fetch_factor=int(fetch_factor),
