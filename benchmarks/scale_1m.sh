@@ -6,6 +6,7 @@
 set -euo pipefail
 DIR=${1:-/tmp/cellpert_1m}
 STEPS=${2:-200}
+THREADS=${THREADS:-2}  # torch + BLAS threads per command
 SPLIT=${SPLIT:-8000 1000 1000}  # cells per label (train val test): 100 labels x 10,000 = 1M cells
 BIN=$(dirname "$0")/../.venv/bin
 mkdir -p "$DIR"
@@ -16,9 +17,9 @@ run "$BIN/cellpert" simulate sams -o "$DIR/screen.h5ad" --seed 0 --n-perturbatio
 ls -la "$DIR/screen.h5ad"
 echo "== train (backed, $STEPS steps)"
 rm -rf "$DIR/run"
-run "$BIN/cellpert" --threads 2 train "$DIR/screen.h5ad" --model samsvae --out "$DIR/run" --backed \
+run "$BIN/cellpert" --threads "$THREADS" train "$DIR/screen.h5ad" --model samsvae --out "$DIR/run" --backed \
     --n-latent 8 --max-steps "$STEPS" --no-early-stopping --batch-size 512 --lr 3e-3 --quiet
 echo "== evaluate-ate (backed)"
-run "$BIN/cellpert" --threads 2 evaluate-ate "$DIR/screen.h5ad" --model "$DIR/run" --n-draws 20 --iwelbo-samples 10
+run "$BIN/cellpert" --threads "$THREADS" evaluate-ate "$DIR/screen.h5ad" --model "$DIR/run" --n-draws 20 --iwelbo-samples 10
 echo "== export-latents (backed)"
-run "$BIN/cellpert" --threads 2 export-latents "$DIR/screen.h5ad" --model "$DIR/run"
+run "$BIN/cellpert" --threads "$THREADS" export-latents "$DIR/screen.h5ad" --model "$DIR/run"

@@ -39,7 +39,8 @@ from cellpert_cli.main import EXIT_INPUT_ERROR, run
 )
 def test_min_norm_coefficient_closed_form(g_b, g_t, expected):
     alpha = min_norm_coefficient(torch.tensor(g_b), torch.tensor(g_t))
-    assert alpha == pytest.approx(expected, abs=1e-6)
+    assert torch.is_tensor(alpha) and alpha.dim() == 0  # stays on the device: no host read
+    assert float(alpha) == pytest.approx(expected, abs=1e-6)
 
 
 def test_min_norm_coefficient_minimises_the_norm_on_random_gradients():
@@ -49,7 +50,7 @@ def test_min_norm_coefficient_minimises_the_norm_on_random_gradients():
         g_b, g_t = torch.randn(7, generator=gen, dtype=torch.float64), torch.randn(7, generator=gen, dtype=torch.float64)
         norms = ((grid[:, None].double() * g_b + (1 - grid[:, None].double()) * g_t) ** 2).sum(1)
         best = float(grid[norms.argmin()])
-        assert min_norm_coefficient(g_b, g_t) == pytest.approx(best, abs=1e-4)
+        assert float(min_norm_coefficient(g_b, g_t)) == pytest.approx(best, abs=1e-4)
 
 
 # ---------------------------------------------------------------------- dual ascent
@@ -57,6 +58,11 @@ def test_dual_ascent_moves_the_multiplier_towards_the_constraint():
     assert dual_ascent_step(1.0, value=0.5, level=0.1, lr=0.5) == pytest.approx(1.2)  # violated: λ grows
     assert dual_ascent_step(1.0, value=0.0, level=0.1, lr=0.5) == pytest.approx(0.95)  # slack: λ shrinks
     assert dual_ascent_step(0.01, value=0.0, level=1.0, lr=1.0) == 0.0  # projected onto λ ≥ 0
+    # the training step's path: tensors in, a 0-d tensor out, the same numbers
+    step = dual_ascent_step(torch.tensor(1.0), value=torch.tensor(0.5), level=0.1, lr=0.5)
+    assert torch.is_tensor(step) and float(step) == pytest.approx(1.2)
+    assert float(dual_ascent_step(torch.tensor(0.01), value=torch.tensor(0.0), level=1.0, lr=1.0)) == 0.0
+
 
 
 # -------------------------------------------------------------------- loss pieces
@@ -118,6 +124,18 @@ def test_mmd_separates_shifted_samples():
     assert float(mmd(a, b)) < 0.05
     assert float(mmd(a, b + 3.0)) > 10 * float(mmd(a, b))
     assert float(mmd(a, b[:0])) == 0.0
+
+
+def test_mmd_between_groups_equals_mmd_of_the_indexed_rows():
+    from cellpert.models.comparative._module import mmd_between_groups
+
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    in_a = (torch.rand(50, generator=gen) < 0.3).double()
+    z = z + 2.0 * in_a[:, None]  # two groups apart
+    value = mmd_between_groups(z, in_a, 1.0 - in_a)
+    assert float(value) == pytest.approx(float(mmd(z[in_a.bool()], z[~in_a.bool()])), rel=1e-10)
+    assert float(mmd_between_groups(z, torch.zeros(50), torch.ones(50))) == 0.0  # one group empty
 
 
 def test_block_leakage_flags_an_over_specified_salient_space():

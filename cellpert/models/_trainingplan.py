@@ -147,9 +147,9 @@ class EpochMetricsMixin:
         )
         if mode == "train" and self.progress_every and self.global_step % self.progress_every == 0:
             total, count = self._epoch_store("train")["train_loss"]
-            self.log(
+            self.log(  # a tensor: the progress bar reads it when it draws, not the step
                 "loss",
-                float(total / count),
+                (total / count).detach(),
                 on_step=True,
                 on_epoch=False,
                 prog_bar=True,

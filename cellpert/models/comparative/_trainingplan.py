@@ -38,10 +38,12 @@ Mode = Literal["standard", "multi-objective", "constrained"]
 MODES: tuple[str, ...] = ("standard", "multi-objective", "constrained")
 
 
-def min_norm_coefficient(grad_background: torch.Tensor, grad_target: torch.Tensor) -> float:
+def min_norm_coefficient(grad_background: torch.Tensor, grad_target: torch.Tensor) -> torch.Tensor:
     """α* minimising ``‖α g_b + (1 − α) g_t‖²`` over α ∈ [0, 1] (two-task MGDA).
 
     ``α* = clip(((g_t − g_b) · g_t) / ‖g_b − g_t‖², 0, 1)``; equal gradients give ½.
+    Computed on the gradients' device and returned as a 0-d tensor there, so a training
+    step does not wait on the host (no ``.item()``).
 
     Parameters
     ----------
@@ -49,15 +51,20 @@ def min_norm_coefficient(grad_background: torch.Tensor, grad_target: torch.Tenso
         Flattened gradients g_b and g_t of the same parameters.
     """
     diff = grad_background - grad_target
-    denom = float(torch.dot(diff, diff))
-    if denom <= 0.0 or not torch.isfinite(torch.tensor(denom)):
-        return 0.5
-    alpha = float(torch.dot(grad_target - grad_background, grad_target)) / denom
-    return min(max(alpha, 0.0), 1.0)
+    denom = torch.dot(diff, diff)
+    alpha = torch.dot(-diff, grad_target) / denom.clamp_min(torch.finfo(denom.dtype).tiny)
+    usable = (denom > 0) & torch.isfinite(denom) & torch.isfinite(alpha)
+    return torch.where(usable, alpha.clamp(0.0, 1.0), torch.full_like(alpha, 0.5))
 
 
-def dual_ascent_step(multiplier: float, value: float, level: float, lr: float) -> float:
-    """One projected dual-ascent step ``max(0, λ + η (value − level))``."""
+def dual_ascent_step(multiplier, value, level: float, lr: float):
+    """One projected dual-ascent step ``max(0, λ + η (value − level))``.
+
+    Plain numbers give a float; a tensor ``multiplier`` or ``value`` gives a 0-d tensor on
+    its device (the training step's path: no host sync).
+    """
+    if torch.is_tensor(multiplier) or torch.is_tensor(value):
+        return (torch.as_tensor(multiplier) + lr * (torch.as_tensor(value) - level)).clamp_min(0.0)
     return max(0.0, float(multiplier) + float(lr) * (float(value) - float(level)))
 
 
@@ -105,28 +112,36 @@ class ComparativeTrainingPlan(CellpertTrainingPlan):
         self.constraint = float(constraint_level) * module.n_salient_latent
         self.dual_lr = float(dual_lr)
         self.automatic_optimization = mode != "multi-objective"
-        self.alpha_: float | None = None
+        self.alpha_: torch.Tensor | None = None
         #: gradient-norm clipping of the manual (multi-objective) step (None: none); Lightning
         #: clips only automatically optimised steps.
         self.manual_clip_norm: float | None = manual_clip_norm
 
     @property
     def multiplier(self) -> float:
-        """The current weight (λ in the constrained mode) of the Wasserstein penalty."""
+        """The current weight (λ in the constrained mode) of the Wasserstein penalty (a host
+        read: for reports, not for the training step)."""
         return float(self.loss_kwargs["penalty_weight"])
 
-    def _log_scalar(self, name: str, value: float) -> None:
-        self.log_epoch_mean(name, float(value), 1.0, "train")
+    def _log_scalar(self, name: str, value: torch.Tensor | float) -> None:
+        self.log_epoch_mean(name, value, 1.0, "train")
 
     def training_step(self, batch, batch_idx):
-        """One step of the chosen mode."""
-        self._log_scalar("penalty_weight", self.multiplier)
+        """One step of the chosen mode (no host sync: λ and α* stay on the device)."""
+        self._log_scalar("penalty_weight", self.loss_kwargs["penalty_weight"])
         if self.mode == "multi-objective":
             return self._multi_objective_step(batch)
         loss = super().training_step(batch, batch_idx)
         if self.mode == "constrained":
-            value = float(self._last_wasserstein)
-            self.loss_kwargs["penalty_weight"] = dual_ascent_step(self.multiplier, value, self.constraint, self.dual_lr)
+            value = self._last_wasserstein
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank takes the same dual step: the mean penalty over the ranks' batches
+                value = value.clone()
+                torch.distributed.all_reduce(value)
+                value /= torch.distributed.get_world_size()
+            self.loss_kwargs["penalty_weight"] = dual_ascent_step(
+                self.loss_kwargs["penalty_weight"], value, self.constraint, self.dual_lr
+            )
         return loss
 
     def forward(self, *args, **kwargs):

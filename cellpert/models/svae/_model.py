@@ -455,7 +455,7 @@ class SVAE(
         """The masks used at evaluation: ``1[log_alpha > 0]``, or the frozen masks."""
         self._require_shift()
         m = self.module
-        value = m.frozen_mask if bool(m.mask_frozen) else (m.log_alpha > 0).float()
+        value = m.frozen_mask if m._masks_are_frozen else (m.log_alpha > 0).float()
         return self._frame(value)
 
     def export_fields(self, adata: AnnData | None = None, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
@@ -519,7 +519,7 @@ class SVAE(
         self._require_shift()
         rows = [self.labels_.index(lab) for lab in self.perturbation_names]
         m = self.module
-        mask = m.frozen_mask if bool(m.mask_frozen) else (m.log_alpha > 0).to(m.shift_mean.dtype)
+        mask = m.frozen_mask if m._masks_are_frozen else (m.log_alpha > 0).to(m.shift_mean.dtype)
         return (mask * m.shift_mean)[rows]
 
     def _encode_basal(self, tensors: dict[str, torch.Tensor], sample: bool) -> torch.Tensor:

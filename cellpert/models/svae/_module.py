@@ -66,6 +66,11 @@ Prior = Literal["shift", "standard"]
 Sparsity = Literal["l1", "beta"]
 
 
+def _refresh_frozen_flag(module: SVAEModule, incompatible_keys) -> None:
+    """After ``load_state_dict``: the host copy of the loaded ``mask_frozen`` buffer."""
+    module._masks_are_frozen = bool(module.mask_frozen)
+
+
 class SVAEModule(CovariateModuleMixin, BaseModuleClass):
     """sVAE / sVAE+ / iVAE / plain-VAE module (scvi-tools torch path).
 
@@ -156,6 +161,10 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         # masks frozen at their thresholded values (OOD protocol, stages 2-3)
         self.register_buffer("mask_frozen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen_mask", torch.ones(n_labels, n_latent))
+        # a host copy of ``mask_frozen`` for the control flow of every step (reading the
+        # buffer there would make the host wait for the device); refreshed on load
+        self._masks_are_frozen = False
+        self.register_load_state_dict_post_hook(_refresh_frozen_flag)
         # encoder, decoder (and dispersion) frozen (OOD protocol, stage 3)
         self.networks_frozen = False
 
@@ -208,6 +217,7 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         if self.prior == "shift":
             self.frozen_mask.copy_((self.log_alpha.detach() > 0).to(self.frozen_mask.dtype))
         self.mask_frozen.fill_(True)
+        self._masks_are_frozen = True
 
     @property
     def theta(self) -> torch.Tensor:
@@ -281,7 +291,7 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         Training: hard Gumbel-sigmoid (straight-through) from ``log_alpha[a_i]``; evaluation:
         the thresholded mask ``1[log_alpha[a_i] > 0]``; frozen: the stored frozen mask.
         """
-        if bool(self.mask_frozen):
+        if self._masks_are_frozen:
             return self.frozen_mask[label]
         logits = self.log_alpha[label]
         if self.training:
@@ -366,17 +376,17 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         Over the non-control labels with training cells. Zero for the plain VAE and
         once the masks are frozen.
         """
-        if self.prior == "standard" or bool(self.mask_frozen):
+        if self.prior == "standard" or self._masks_are_frozen:
             return torch.zeros((), device=self.n_obs_train.device)
-        keep = self.penalised.bool() & ~self.is_control.bool()
-        logits = self.log_alpha[keep]
-        if logits.numel() == 0:
-            return torch.zeros((), device=self.n_obs_train.device)
+        # the penalised labels as 0/1 row weights, not a boolean index (whose output size
+        # would have to be read on the host); no such label gives 0
+        keep = (self.penalised * (1.0 - self.is_control))[:, None]
         if self.sparsity == "l1":
-            return self.sparsity_weight * torch.sigmoid(logits).mean()
+            n_entries = (keep.sum() * self.log_alpha.shape[1]).clamp_min(1.0)
+            return self.sparsity_weight * (torch.sigmoid(self.log_alpha) * keep).sum() / n_entries
         # log(1 - σ(l)) = logsigmoid(-l), stable for large l
-        log_beta = math.log(self.beta_k) + (self.beta_k - 1.0) * F.logsigmoid(-logits)
-        return -log_beta.sum()
+        log_beta = math.log(self.beta_k) + (self.beta_k - 1.0) * F.logsigmoid(-self.log_alpha)
+        return -(log_beta * keep).sum()
 
     def loss(
         self,
@@ -410,7 +420,7 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         penalty = self.sparsity_penalty()
         per_cell = (rec + self.kl_beta * kl_weight * kl).mean()
         if self.sparsity == "beta":
-            n = float(self.n_obs_train) if n_obs is None else float(n_obs)
+            n = self.n_obs_train if n_obs is None else float(n_obs)
             loss = n * per_cell + kl_weight * penalty
         else:
             loss = per_cell + penalty
