@@ -51,7 +51,7 @@ demo: $(STAMP)
 	$(BIN)/cellpert simulate sams -o $(DEMO_DIR)/screen.h5ad --seed 0 --n-perturbations 30 --n-latent 8 --n-combinations 6
 	$(BIN)/cellpert inspect $(DEMO_DIR)/screen.h5ad
 	$(BIN)/cellpert train $(DEMO_DIR)/screen.h5ad --model samsvae --out $(DEMO_DIR)/run --n-latent 8 --max-steps 4000 --batch-size 256 --lr 3e-3 --quiet
-	$(BIN)/cellpert evaluate-ate $(DEMO_DIR)/screen.h5ad --model $(DEMO_DIR)/run --report $(DEMO_DIR)/ate_report.html
+	$(BIN)/cellpert evaluate-ate $(DEMO_DIR)/screen.h5ad --model $(DEMO_DIR)/run --report $(DEMO_DIR)/ate_report.html --truth
 	$(BIN)/cellpert export-latents $(DEMO_DIR)/screen.h5ad --model $(DEMO_DIR)/run
 	@echo "demo done: results in $(DEMO_DIR)/screen.h5ad, report in $(DEMO_DIR)/ate_report.html"
 

@@ -100,7 +100,7 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
         additive_baseline,
         ate_metrics,
         compute_ate_evaluation,
-        interval_coverage,
+        score_against_truth,
     )
     from cellpert.models import prepare_anndata
 
@@ -163,18 +163,17 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
                 row.update(ceiling=s["ceiling_pearson"], ceiling_top=s["ceiling_pearson_top"],
                            expected_train=s["expected_train_average_pearson"])  # fmt: skip
             if dataset == "sim":
-                labels = list(ev.data_ate.columns)
                 if truth is None:
-                    truth = sams_true_ate(screen.adata, labels, n_cells=20000, seed=seed)
+                    truth = sams_true_ate(screen.adata, list(ev.data_ate.columns), n_cells=20000, seed=seed)
                     truth.index = screen.gene_names
-                _, t = ate_metrics(truth, frame, top_n=20)
+                if pred_name == "model_additive":
+                    _, t = ate_metrics(truth, frame, top_n=20)
+                else:  # the figures `cellpert evaluate-ate --truth` prints
+                    scored = score_against_truth(ev, truth, top_n=20)
+                    t = {m: scored[f"{pred_name}_{m}"] for m in ("pearson", "r2", "pearson_top")}
                 row.update(truth_pearson=t["pearson"], truth_r2=t["r2"], truth_pearson_top=t["pearson_top"])
                 if pred_name == "model":
-                    cov = interval_coverage(truth, ev.model_ate.lo, ev.model_ate.hi)
-                    row.update(coverage=cov["coverage"], interval_width=cov["mean_width"])
-                    if ev.model_ate_calibrated is not None:
-                        cal = interval_coverage(truth, ev.model_ate_calibrated.lo, ev.model_ate_calibrated.hi)
-                        row.update(coverage_calibrated=cal["coverage"])
+                    row.update({k: scored[k] for k in ("coverage", "interval_width", "coverage_calibrated") if k in scored})
             rows.append(row)
     return rows
 

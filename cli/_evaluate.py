@@ -64,8 +64,13 @@ def _summary_lines(evaluation, split: str) -> list[str]:
         m, b = summary.loc["model_pearson", col], summary.loc["average_pearson", col]
         mt, bt = summary.loc["model_pearson_top", col], summary.loc["average_pearson_top", col]
         if m == m and b == b:
-            better = int(m >= b) + int(mt >= bt)  # numpy bools would add to a bool
-            verdict = "beats" if better == 2 else "does not beat" if better == 0 else "beats on one of two metrics"
+            # compared as printed (3 decimals), so equal figures read as a tie, not a loss
+            rounded = [(round(float(x), 3), round(float(y), 3)) for x, y in ((m, b), (mt, bt))]
+            signs = [(x > y) - (x < y) for x, y in rounded]
+            if min(signs) >= 0:
+                verdict = "ties" if max(signs) == 0 else "beats"
+            else:
+                verdict = "beats on one of two metrics" if max(signs) > 0 else "does not beat"
             lines.append(
                 f"the model {verdict} the training-cell average here: r {m:.3f} vs {b:.3f}, "
                 f"top-{top_n} r {mt:.3f} vs {bt:.3f}"
@@ -100,6 +105,32 @@ def _summary_lines(evaluation, split: str) -> list[str]:
             "additive = the sum of its parts' (baselines from training cells only)"
         )
     return [header, *notes, *lines]
+
+
+def _truth_lines(evaluation) -> list[str]:
+    """With ``--truth``: each predictor against the simulator's true ATE, the intervals' coverage."""
+    truth = evaluation.config.get("truth")
+    if not truth:
+        return []
+    top_n = truth["top_n"]
+    lines = [f"against the simulator's true ATE ({truth['labels']} labels, {truth['n_cells_per_label']:,} cells each; "
+             f"top-{top_n} genes by |true ATE|): ATE r / R² / top-{top_n} r"]  # fmt: skip
+    for name in evaluation.predictors:
+        lines.append(
+            f"{name:<10} {_fmt(truth.get(f'{name}_pearson')):>7} {_fmt(truth.get(f'{name}_r2')):>8} "
+            f"{_fmt(truth.get(f'{name}_pearson_top')):>9}"
+        )
+    if "average" in evaluation.predictors and "model_pearson" in truth:
+        m, b = truth["model_pearson"], truth["average_pearson"]
+        verdict = "closer to" if m > b else "as close to" if m == b else "further from"
+        lines.append(f"the model is {verdict} the true ATE than the training-cell average: r {m:.4f} vs {b:.4f}")
+    if "coverage" in truth:
+        cal = truth.get("coverage_calibrated")
+        lines.append(
+            f"the model's 90% intervals cover {truth['coverage']:.0%} of the true effects"
+            + (f" (recalibrated: {cal:.0%})" if cal is not None else "")
+        )
+    return lines
 
 
 def _level_lines(evaluation) -> list[str]:
@@ -244,6 +275,14 @@ def evaluate_ate(
     drop_zero_genes: DropZeroGenesOpt = False,
     backed: BackedOpt = None,
     no_write: Annotated[bool, typer.Option("--no-write", help="Compute and print only; write no h5ad.")] = False,
+    truth: Annotated[
+        bool,
+        typer.Option(
+            "--truth",
+            help="A screen from `cellpert simulate sams`: also score every predictor against the simulator's "
+            "true ATE (uns['cellpert']['ate_metrics'][<key>]['config']['truth']).",
+        ),
+    ] = False,
 ) -> None:
     """Average treatment effects: data vs model, additive and mean baselines, held-out IWELBO.
 
@@ -264,6 +303,8 @@ def evaluate_ate(
         cellpert evaluate-ate norman.h5ad -m run_cpa --n-particles 500 --metrics-out m.csv --out eval.h5ad
 
         cellpert evaluate-ate screen.h5ad --subset 'dataset == "norman19"'
+
+        cellpert evaluate-ate simulated.h5ad --model run --truth
     """
     from cellpert._errors import CellpertInputError
     from cellpert.evaluate._report import write_ate_report
@@ -324,8 +365,9 @@ def evaluate_ate(
         level_key=None if by is not None and by.lower() == "none" else (by or "auto"),
         pool=pool,  # type: ignore[arg-type]
         latent_shift=latent_shift,  # type: ignore[arg-type]
+        truth=truth,
     )
-    for line in _summary_lines(evaluation, split) + _level_lines(evaluation):
+    for line in _summary_lines(evaluation, split) + _level_lines(evaluation) + _truth_lines(evaluation):
         typer.echo(line)
     if report is not None:
         typer.echo(f"report -> {write_ate_report(evaluation, report, split=split)}")

@@ -372,3 +372,36 @@ def test_poisson_likelihood_trains_and_predicts(simulated):
     assert counts.shape == (2, simulated.n_vars) and np.all(counts >= 0)
     with pytest.raises(CellpertInputError, match="likelihood"):
         ComparativeVAE(_setup(simulated), likelihood="zinb")
+
+
+def test_nb_sample_draws_negative_binomial_counts_in_parallel_parts():
+    """The parallel CPU path (large draws) gives NB(μ, θ) counts: mean μ, variance
+    μ + μ²/θ (checked against the moments and SciPy's pmf), the same counts for any thread
+    count under one seed, and the small path is Pyro's GammaPoisson."""
+    from scipy.stats import nbinom
+
+    from cellpert.models._components import _likelihood as lik
+
+    mu = torch.tensor([0.2, 3.0, 40.0]).repeat(4, 133_334, 1)  # (4, 133334, 3): 1.6M values
+    theta = torch.tensor([0.5, 2.0, 10.0])
+    assert mu.numel() >= lik.PARALLEL_SAMPLE_MIN
+    draws = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(0)
+            draws[n] = lik.nb_sample(mu, theta)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[1], draws[2])
+    x = draws[1].reshape(-1, 3).double()
+    m, t = mu[0, 0].double(), theta.double()
+    assert torch.allclose(x.mean(0), m, rtol=0.01)
+    assert torch.allclose(x.var(0), m + m**2 / t, rtol=0.03)
+    p0 = (x[:, 0] == 0).double().mean()
+    assert float(p0) == pytest.approx(nbinom.pmf(0, 0.5, 0.5 / (0.5 + 0.2)), abs=2e-3)
+    torch.manual_seed(1)
+    small = lik.nb_sample(mu[:1, :10], theta)
+    torch.manual_seed(1)
+    assert torch.equal(small, GammaPoisson(theta.expand(1, 10, 3), theta / mu[:1, :10], validate_args=False).sample())

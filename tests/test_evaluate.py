@@ -351,3 +351,48 @@ def test_in_memory_evaluation_writes_under_key_added(trained):
     assert ev.key == "mine" and "varm/ate_mine" in written and "uns/cellpert/ate_metrics/mine" in written
     np.testing.assert_array_equal(adata.varm["ate_mine"][list(ev.model_ate.ate.columns)].to_numpy(),
                                   ev.model_ate.ate.reindex(adata.var_names.astype(str)).to_numpy())  # fmt: skip
+
+
+# ------------------------------------------------------------------ truth
+def test_truth_scores_every_predictor_against_the_simulator(trained, tmp_path):
+    """``truth=True`` (``--truth``): each predictor against the simulator's true ATE, the
+    same figures as a direct computation; known answers for the scoring; other screens
+    are a clear error."""
+    import dataclasses
+
+    from cellpert.data.simulate import sams_true_ate
+    from cellpert.evaluate import ModelATE, score_against_truth
+
+    path, run_dir, _ = trained
+    ev = evaluate_ate(path, model_dir=run_dir, write=False, truth=True, truth_cells=2000, n_draws=4, iwelbo_samples=4)
+    got = ev.config["truth"]
+    assert got["labels"] == ev.data_ate.shape[1] and got["n_cells_per_label"] == 2000
+    truth = sams_true_ate(load_screen(path, warn=False).adata, list(ev.data_ate.columns), n_cells=2000, seed=0)
+    for name, frame in {"model": ev.model_ate.ate, **ev.baselines}.items():
+        _, direct = ate_metrics(truth.loc[ev.data_ate.index], frame, top_n=20)
+        assert got[f"{name}_pearson"] == pytest.approx(direct["pearson"])
+        assert got[f"{name}_pearson_top"] == pytest.approx(direct["pearson_top"])
+    assert 0.0 <= got["coverage"] <= 1.0
+    # known answers: a model equal to the truth, intervals around it or beside it
+    t = truth.loc[ev.data_ate.index]
+    exact = dataclasses.replace(ev, model_ate=ModelATE(ate=t, lo=t - 1.0, hi=t + 1.0), model_ate_calibrated=None)
+    scored = score_against_truth(exact, truth)
+    assert scored["model_pearson"] == pytest.approx(1.0) and scored["model_r2"] == pytest.approx(1.0)
+    assert scored["coverage"] == 1.0 and scored["interval_width"] == pytest.approx(2.0)
+    beside = dataclasses.replace(exact, model_ate=ModelATE(ate=t, lo=t + 1.0, hi=t + 2.0))
+    assert score_against_truth(beside, truth)["coverage"] == 0.0
+    # the command prints the comparison
+    out = tmp_path / "eval.h5ad"
+    result = CliRunner().invoke(_app(), ["evaluate-ate", str(path), "-m", str(run_dir), "--truth", "--n-draws", "4",
+                                         "--iwelbo-samples", "4", "--out", str(out), "--report", str(tmp_path / "r.html")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "against the simulator's true ATE" in result.output and "intervals cover" in result.output
+    assert "the simulator&#x27;s true ATE" in (tmp_path / "r.html").read_text()
+    assert "truth" in ad.read_h5ad(out).uns["cellpert"]["ate_metrics"]["samsvae"]["config"]
+    # a screen without the simulator's truth
+    plain = ad.read_h5ad(path)
+    del plain.uns["cellpert"]["ground_truth"]
+    plain_path = tmp_path / "plain.h5ad"
+    plain.write_h5ad(plain_path)
+    with pytest.raises(CellpertInputError, match="--truth needs"):
+        evaluate_ate(plain_path, model_dir=run_dir, write=False, truth=True)

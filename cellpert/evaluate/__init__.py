@@ -16,6 +16,7 @@ from cellpert.evaluate._evaluate import (
     AteEvaluation,
     compute_ate_evaluation,
     label_splits,
+    score_against_truth,
     write_ate_results,
 )
 from cellpert.evaluate._identifiability import (
@@ -76,6 +77,7 @@ __all__ = [
     "pooled_ate",
     "perturbseq_transform",
     "posterior_interval",
+    "score_against_truth",
     "write_ate_report",
     "write_ate_results",
 ]

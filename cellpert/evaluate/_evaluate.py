@@ -65,6 +65,7 @@ from cellpert.evaluate._ate import (
     additive_baseline,
     ate_metrics,
     data_ate,
+    interval_coverage,
     mean_baseline,
     noise_ceiling,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "AteEvaluation",
     "compute_ate_evaluation",
     "label_splits",
+    "score_against_truth",
     "write_ate_results",
 ]
 
@@ -718,6 +720,48 @@ def compute_ate_evaluation(
 
 
 # ---------------------------------------------------------------------- writing
+def score_against_truth(evaluation: AteEvaluation, truth: pd.DataFrame, *, top_n: int | None = None) -> dict[str, Any]:
+    r"""Every predictor of an evaluation scored against known true ATEs (a simulated screen).
+
+    Parameters
+    ----------
+    evaluation
+        A :func:`compute_ate_evaluation` result.
+    truth
+        genes x labels true ATEs (e.g. :func:`cellpert.data.simulate.sams_true_ate`), with
+        the screen's gene names; the labels scored are those of ``evaluation.data_ate``
+        that it holds.
+    top_n
+        Genes per label of the "top" metrics (default: the evaluation's ``top_n``), chosen
+        by the largest \|true ATE\|.
+
+    Returns
+    -------
+    dict
+        ``labels`` (how many), ``<predictor>_<metric>`` for every predictor and metric of
+        :data:`METRIC_NAMES`, and for the model ``coverage`` / ``interval_width`` of its
+        90% intervals (``coverage_calibrated`` with recalibrated ones).
+    """
+    top_n = int(evaluation.config.get("top_n", 20) if top_n is None else top_n)
+    labels = [c for c in evaluation.data_ate.columns if c in truth.columns]
+    genes = evaluation.data_ate.index.intersection(truth.index)
+    if not labels or not len(genes):
+        raise CellpertInputError("the true ATEs share no label or gene with the evaluation; align their names.")
+    truth = truth.loc[genes, labels]
+    predictions = ({"model": evaluation.model_ate.ate} if evaluation.model_ate is not None else {}) | evaluation.baselines
+    out: dict[str, Any] = {"labels": len(labels), "top_n": top_n}
+    for name, frame in predictions.items():
+        _, metrics = ate_metrics(truth, frame.loc[genes], top_n=top_n)
+        out.update({f"{name}_{m}": float(metrics[m]) for m in METRIC_NAMES})
+    if evaluation.model_ate is not None:
+        cov = interval_coverage(truth, evaluation.model_ate.lo, evaluation.model_ate.hi)
+        out.update(coverage=cov["coverage"], interval_width=cov["mean_width"])
+        if evaluation.model_ate_calibrated is not None:
+            cal = interval_coverage(truth, evaluation.model_ate_calibrated.lo, evaluation.model_ate_calibrated.hi)
+            out["coverage_calibrated"] = cal["coverage"]
+    return out
+
+
 def _varm_frame(frame: pd.DataFrame, var_names: pd.Index) -> pd.DataFrame:
     """genes x labels frame on the file's genes (genes the run dropped get NaN)."""
     out = frame.reindex(pd.Index(var_names.astype(str))).astype(np.float64)

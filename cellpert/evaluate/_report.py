@@ -166,6 +166,16 @@ def _notes(evaluation: AteEvaluation) -> str:
             f"cells' standard error combined, scaled by {cal['factor']:.2f}) cover {cal['coverage_after']:.0%} "
             "(varm ..._cal_lo / _cal_hi)."
         )
+    truth = config.get("truth")
+    if truth:
+        names = [n for n in evaluation.predictors if f"{n}_pearson" in truth]
+        figures = "; ".join(f"{n} r {truth[f'{n}_pearson']:.4f} (top-{truth['top_n']} r {truth[f'{n}_pearson_top']:.4f})"
+                            for n in names)  # fmt: skip
+        coverage = f" The model's 90% intervals cover {truth['coverage']:.0%} of the true effects." if "coverage" in truth else ""
+        items.append(
+            f"Against the simulator's true ATE ({truth['labels']} labels, {truth['n_cells_per_label']:,} cells each): "
+            f"{figures}.{coverage}"
+        )
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 
 

@@ -15,8 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cellpert.data import as_list, load_screen, read_h5ad, results_lock, save_results
-from cellpert.evaluate import AteEvaluation, compute_ate_evaluation, write_ate_results
+from cellpert._errors import CellpertInputError
+from cellpert.data import UNS_KEY, as_list, load_screen, read_h5ad, results_lock, save_results
+from cellpert.evaluate import (
+    AteEvaluation,
+    compute_ate_evaluation,
+    score_against_truth,
+    write_ate_results,
+)
 from cellpert.evaluate._evaluate import DATA_KEY
 from cellpert.runs._registry import model_key
 from cellpert.runs._rundir import load_run
@@ -40,6 +46,8 @@ def evaluate_ate(
     write: bool = True,
     backed: bool | None = None,
     level_key: str | None = "auto",
+    truth: bool = False,
+    truth_cells: int = 20_000,
     **options: Any,
 ) -> AteEvaluation:
     """Evaluate a trained run's ATEs on its screen and write the results into the h5ad.
@@ -74,6 +82,13 @@ def evaluate_ate(
         ATEs within the levels of this obs column, pooled (see
         :func:`cellpert.evaluate.compute_ate_evaluation`). ``"auto"`` (default): the
         run's ``batch_key``, else its first categorical covariate, else none; None: none.
+    truth
+        The screen was simulated by ``cellpert simulate sams``: also score every predictor
+        against the simulator's true ATE (:func:`cellpert.data.simulate.sams_true_ate`,
+        ``truth_cells`` cells per label; :func:`cellpert.evaluate.score_against_truth`),
+        into ``config["truth"]``. An error for any other screen.
+    truth_cells
+        Cells per label of the true ATE's Monte Carlo average.
     **options
         Options of :func:`cellpert.evaluate.compute_ate_evaluation` (``data_cells``,
         ``estimator``, ``n_particles``, ``n_groups``, ``n_draws``, ``max_cells``, ``library_size``,
@@ -122,10 +137,27 @@ def evaluate_ate(
         key = key_added or DATA_KEY
     if level_key == "auto":
         level_key = _default_level_key(model)
+    ground_truth = screen.adata.uns.get(UNS_KEY, {}).get("ground_truth", {}) if truth else {}
+    if truth and (str(ground_truth.get("simulator")) != "sams" or model is None):
+        raise CellpertInputError(
+            "--truth needs a trained model and a screen from `cellpert simulate sams` (its true ATE is "
+            "computed from uns['cellpert']['ground_truth']); drop --truth for this screen."
+        )
+    if truth and int(truth_cells) < 100:
+        raise CellpertInputError(f"truth_cells must be at least 100, not {truth_cells}.")
     t0 = time.perf_counter()
     evaluation = compute_ate_evaluation(
         screen, model, key_added=key, iwelbo_split=split, level_key=level_key, **options
     )
+    if truth:
+        from cellpert.data.simulate import sams_true_ate
+
+        t1 = time.perf_counter()
+        true_ate = sams_true_ate(
+            ground_truth, list(evaluation.data_ate.columns), n_cells=int(truth_cells), seed=int(options.get("seed", 0))
+        )
+        evaluation.config["truth"] = {**score_against_truth(evaluation, true_ate), "n_cells_per_label": int(truth_cells)}
+        evaluation.config["timings"]["truth_s"] = time.perf_counter() - t1
     evaluation.config["timings"]["total_s"] = time.perf_counter() - t0
     evaluation.config["identity"] = identity
     evaluation.config["screen"] = str(Path(screen_path).resolve())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from pyro.distributions import GammaPoisson
@@ -74,9 +75,49 @@ def poisson_log_prob_log_mean(x: torch.Tensor, log_mu: torch.Tensor) -> torch.Te
     return (x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1.0)).sum(-1)
 
 
+#: Draws at or above this many values are split into ``_SAMPLE_CHUNKS`` parts on the CPU.
+PARALLEL_SAMPLE_MIN = 1 << 17
+_SAMPLE_CHUNKS = 8
+
+
 def nb_sample(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Draw NB(mean ``mu``, inverse dispersion ``theta``) counts from torch's global RNG."""
-    return GammaPoisson(theta.expand_as(mu), theta / mu, validate_args=False).sample()
+    """Draw NB(mean ``mu``, inverse dispersion ``theta``) counts: ``x ~ Poisson(g)``,
+    ``g ~ Gamma(θ, θ/μ)`` (Pyro's ``GammaPoisson(θ, θ/μ)``), from torch's global RNG.
+
+    On the CPU, a large draw (``PARALLEL_SAMPLE_MIN`` values or more) is split into a fixed
+    number of parts, each drawn with its own generator (seeded from the global RNG) on
+    ``torch.get_num_threads()`` threads. torch's (and NumPy's) gamma and Poisson samplers
+    run on one core whatever the thread setting, and they are most of an ATE's time; no
+    library we could find draws them in parallel. The parts are fixed, so the counts do not
+    depend on the number of threads, only on the seed.
+    """
+    rate = theta / mu
+    concentration = theta.expand_as(mu)
+    if mu.device.type != "cpu" or mu.numel() < PARALLEL_SAMPLE_MIN or mu.dim() == 0:
+        return GammaPoisson(concentration, rate, validate_args=False).sample()
+    flat_conc = concentration.contiguous().reshape(-1)
+    flat_rate = rate.expand_as(mu).contiguous().reshape(-1)
+    out = torch.empty_like(flat_conc)
+    seeds = torch.randint(0, 2**62, (_SAMPLE_CHUNKS,)).tolist()  # from the global RNG: seeded runs repeat
+    bounds = torch.linspace(0, flat_conc.numel(), _SAMPLE_CHUNKS + 1).long().tolist()
+    tiny = torch.finfo(out.dtype).tiny
+
+    def draw(part: int) -> None:
+        lo, hi = bounds[part], bounds[part + 1]
+        gen = torch.Generator().manual_seed(seeds[part])
+        # g ~ Gamma(θ, θ/μ) = StandardGamma(θ) / rate, kept positive as torch's Gamma does
+        gamma = (torch._standard_gamma(flat_conc[lo:hi], generator=gen) / flat_rate[lo:hi]).clamp_(min=tiny)
+        # x ~ Poisson(g)
+        out[lo:hi] = torch.poisson(gamma, generator=gen)
+
+    workers = max(1, min(_SAMPLE_CHUNKS, torch.get_num_threads()))
+    if workers == 1:
+        for part in range(_SAMPLE_CHUNKS):
+            draw(part)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(draw, range(_SAMPLE_CHUNKS)))
+    return out.reshape(mu.shape)
 
 
 class NBDecoder(nn.Module):
