@@ -395,6 +395,15 @@ def test_nb_sample_draws_negative_binomial_counts_in_parallel_parts():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(draws[1], draws[2])
+    # under inference mode (evaluation), as a caller's in-place update needs
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        with torch.inference_mode():
+            torch.manual_seed(0)
+            inside = lik.nb_sample(mu, theta)
+            inside += 0
+        torch.set_num_threads(threads)
+        assert torch.equal(inside, draws[1])
     x = draws[1].reshape(-1, 3).double()
     m, t = mu[0, 0].double(), theta.double()
     assert torch.allclose(x.mean(0), m, rtol=0.01)

@@ -97,26 +97,28 @@ def nb_sample(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return GammaPoisson(concentration, rate, validate_args=False).sample()
     flat_conc = concentration.contiguous().reshape(-1)
     flat_rate = rate.expand_as(mu).contiguous().reshape(-1)
-    out = torch.empty_like(flat_conc)
     seeds = torch.randint(0, 2**62, (_SAMPLE_CHUNKS,)).tolist()  # from the global RNG: seeded runs repeat
     bounds = torch.linspace(0, flat_conc.numel(), _SAMPLE_CHUNKS + 1).long().tolist()
-    tiny = torch.finfo(out.dtype).tiny
+    tiny = torch.finfo(flat_conc.dtype).tiny
+    # grad and inference modes are per thread: the workers run in the caller's
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-    def draw(part: int) -> None:
+    def draw(part: int) -> torch.Tensor:
         lo, hi = bounds[part], bounds[part + 1]
         gen = torch.Generator().manual_seed(seeds[part])
-        # g ~ Gamma(θ, θ/μ) = StandardGamma(θ) / rate, kept positive as torch's Gamma does
-        gamma = (torch._standard_gamma(flat_conc[lo:hi], generator=gen) / flat_rate[lo:hi]).clamp_(min=tiny)
-        # x ~ Poisson(g)
-        out[lo:hi] = torch.poisson(gamma, generator=gen)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            # g ~ Gamma(θ, θ/μ) = StandardGamma(θ) / rate, kept positive as torch's Gamma does
+            gamma = (torch._standard_gamma(flat_conc[lo:hi], generator=gen) / flat_rate[lo:hi]).clamp_(min=tiny)
+            # x ~ Poisson(g)
+            return torch.poisson(gamma, generator=gen)
 
     workers = max(1, min(_SAMPLE_CHUNKS, torch.get_num_threads()))
     if workers == 1:
-        for part in range(_SAMPLE_CHUNKS):
-            draw(part)
+        parts = [draw(part) for part in range(_SAMPLE_CHUNKS)]
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(draw, range(_SAMPLE_CHUNKS)))
+            parts = list(pool.map(draw, range(_SAMPLE_CHUNKS)))
+    out = torch.cat(parts)
     return out.reshape(mu.shape)
 
 
