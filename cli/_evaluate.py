@@ -25,6 +25,16 @@ def _fmt(value: float) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
+def _verdict(*pairs: tuple[float, float]) -> str:
+    """The model against a baseline on (model, baseline) metric pairs, compared as printed
+    (3 decimals), so equal figures read as a tie, not as a loss or a win."""
+    rounded = [(round(float(x), 3), round(float(y), 3)) for x, y in pairs]
+    signs = [(x > y) - (x < y) for x, y in rounded]
+    if min(signs) >= 0:
+        return "ties" if max(signs) == 0 else "beats"
+    return "beats on one of two metrics" if max(signs) > 0 else "does not beat"
+
+
 def _summary_lines(evaluation, split: str) -> list[str]:
     """The terminal table: one row per predictor, the chosen split's metrics."""
     summary = evaluation.summary
@@ -64,13 +74,7 @@ def _summary_lines(evaluation, split: str) -> list[str]:
         m, b = summary.loc["model_pearson", col], summary.loc["average_pearson", col]
         mt, bt = summary.loc["model_pearson_top", col], summary.loc["average_pearson_top", col]
         if m == m and b == b:
-            # compared as printed (3 decimals), so equal figures read as a tie, not a loss
-            rounded = [(round(float(x), 3), round(float(y), 3)) for x, y in ((m, b), (mt, bt))]
-            signs = [(x > y) - (x < y) for x, y in rounded]
-            if min(signs) >= 0:
-                verdict = "ties" if max(signs) == 0 else "beats"
-            else:
-                verdict = "beats on one of two metrics" if max(signs) > 0 else "does not beat"
+            verdict = _verdict((m, b), (mt, bt))
             lines.append(
                 f"the model {verdict} the training-cell average here: r {m:.3f} vs {b:.3f}, "
                 f"top-{top_n} r {mt:.3f} vs {bt:.3f}"
@@ -121,9 +125,10 @@ def _truth_lines(evaluation) -> list[str]:
             f"{_fmt(truth.get(f'{name}_pearson_top')):>9}"
         )
     if "average" in evaluation.predictors and "model_pearson" in truth:
-        m, b = truth["model_pearson"], truth["average_pearson"]
-        verdict = "closer to" if m > b else "as close to" if m == b else "further from"
-        lines.append(f"the model is {verdict} the true ATE than the training-cell average: r {m:.4f} vs {b:.4f}")
+        m, b = round(truth["model_pearson"], 4), round(truth["average_pearson"], 4)  # as printed
+        verdict = ("closer to the true ATE than" if m > b else "as close to the true ATE as" if m == b
+                   else "further from the true ATE than")  # fmt: skip
+        lines.append(f"the model is {verdict} the training-cell average: r {m:.4f} vs {b:.4f}")
     if "coverage" in truth:
         cal = truth.get("coverage_calibrated")
         lines.append(

@@ -396,3 +396,12 @@ def test_truth_scores_every_predictor_against_the_simulator(trained, tmp_path):
     plain.write_h5ad(plain_path)
     with pytest.raises(CellpertInputError, match="--truth needs"):
         evaluate_ate(plain_path, model_dir=run_dir, write=False, truth=True)
+
+
+def test_the_verdict_compares_the_printed_figures():
+    from cellpert_cli._evaluate import _verdict
+
+    assert _verdict((0.9519, 0.9521), (0.9770, 0.9772)) == "ties"  # both print 0.952 / 0.977
+    assert _verdict((0.9530, 0.9521), (0.9770, 0.9772)) == "beats"
+    assert _verdict((0.9530, 0.9521), (0.9700, 0.9772)) == "beats on one of two metrics"
+    assert _verdict((0.9500, 0.9521), (0.9770, 0.9772)) == "does not beat"

@@ -108,6 +108,7 @@ def nb_sample(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seeds[part])
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             # g ~ Gamma(θ, θ/μ) = StandardGamma(θ) / rate, kept positive as torch's Gamma does
+            # (torch._standard_gamma is what torch.distributions.Gamma.sample calls; it takes a generator)
             gamma = (torch._standard_gamma(flat_conc[lo:hi], generator=gen) / flat_rate[lo:hi]).clamp_(min=tiny)
             # x ~ Poisson(g)
             return torch.poisson(gamma, generator=gen)
