@@ -351,6 +351,14 @@ def test_in_memory_evaluation_writes_under_key_added(trained):
     assert ev.key == "mine" and "varm/ate_mine" in written and "uns/cellpert/ate_metrics/mine" in written
     np.testing.assert_array_equal(adata.varm["ate_mine"][list(ev.model_ate.ate.columns)].to_numpy(),
                                   ev.model_ate.ate.reindex(adata.var_names.astype(str)).to_numpy())  # fmt: skip
+    assert adata.uns["cellpert"]["ate_data_source"]["key"] == "mine"
+    # a second evaluation under another key (another target) replaces varm["ate_data"] and says so
+    other = compute_ate_evaluation(run.screen, run.model, key_added="other", data_cells="all", n_draws=4,
+                                   iwelbo_samples=5, ceiling=False)  # fmt: skip
+    write_ate_results(adata, other)
+    source = adata.uns["cellpert"]["ate_data_source"]
+    assert source["key"] == "other" and source["target"] == other.config["target"] != ev.config["target"]
+    assert {"mine", "other"} <= set(adata.uns["cellpert"]["ate_metrics"])
 
 
 # ------------------------------------------------------------------ truth

@@ -98,6 +98,8 @@ METRIC_NAMES = ("pearson", "r2", "pearson_top", "r2_top")
 EVAL_SPLITS = ("train", "val", "test")
 #: uns key (under ``uns["cellpert"]``) of the evaluation results.
 METRICS_UNS_KEY = "ate_metrics"
+#: uns key (under ``uns["cellpert"]``) naming the evaluation ``varm["ate_data"]`` is from.
+DATA_SOURCE_UNS_KEY = "ate_data_source"
 #: Key of a data-only evaluation (no model).
 DATA_KEY = "data"
 
@@ -797,6 +799,10 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
         ``<predictor>_<metric>``] DataFrame), ``summary`` (metric x split DataFrame; only
         with a model), ``config`` (the evaluation settings and timings) and, with a
         model, ``model`` (``name``, ``run_dir``, ``config`` of the run).
+    ``uns["cellpert"]["ate_data_source"]``
+        ``key`` and ``target`` of the evaluation ``varm["ate_data"]`` belongs to: each
+        evaluation replaces it, so after evaluations under several keys it is the last
+        one's (each key's own figures stay in ``ate_metrics[<key>]``).
 
     Returns
     -------
@@ -843,4 +849,7 @@ def write_ate_results(adata: ad.AnnData, evaluation: AteEvaluation) -> list[str]
         entry["model"] = to_uns(evaluation.config["identity"])
     metrics[evaluation.key] = entry
     written.append(f"uns/{UNS_KEY}/{METRICS_UNS_KEY}/{evaluation.key}")
+    # varm["ate_data"] holds the last evaluation's target: say whose
+    uns[DATA_SOURCE_UNS_KEY] = to_uns({"key": evaluation.key, "target": str(evaluation.config.get("target", ""))})
+    written.append(f"uns/{UNS_KEY}/{DATA_SOURCE_UNS_KEY}")
     return written
