@@ -309,7 +309,7 @@ def evaluate_ate(
 
         cellpert evaluate-ate screen.h5ad --subset 'dataset == "norman19"'
 
-        cellpert evaluate-ate simulated.h5ad --model run --truth
+        cellpert evaluate-ate s.h5ad --model run --truth   (s.h5ad from `cellpert simulate sams`)
     """
     from cellpert._errors import CellpertInputError
     from cellpert.evaluate._report import write_ate_report
