@@ -68,6 +68,15 @@ def dual_ascent_step(multiplier, value, level: float, lr: float):
     return max(0.0, float(multiplier) + float(lr) * (float(value) - float(level)))
 
 
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the DDP ranks (``value`` itself in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    value = value.clone()
+    torch.distributed.all_reduce(value)
+    return value / torch.distributed.get_world_size()
+
+
 class ComparativeTrainingPlan(CellpertTrainingPlan):
     """:class:`~scvi.train.TrainingPlan` with the three fitting modes of the comparative VAE.
 
@@ -133,14 +142,9 @@ class ComparativeTrainingPlan(CellpertTrainingPlan):
             return self._multi_objective_step(batch)
         loss = super().training_step(batch, batch_idx)
         if self.mode == "constrained":
-            value = self._last_wasserstein
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # every rank takes the same dual step: the mean penalty over the ranks' batches
-                value = value.clone()
-                torch.distributed.all_reduce(value)
-                value /= torch.distributed.get_world_size()
+            # every rank takes the same dual step: the mean penalty over the ranks' batches
             self.loss_kwargs["penalty_weight"] = dual_ascent_step(
-                self.loss_kwargs["penalty_weight"], value, self.constraint, self.dual_lr
+                self.loss_kwargs["penalty_weight"], _mean_over_ranks(self._last_wasserstein), self.constraint, self.dual_lr
             )
         return loss
 
@@ -163,10 +167,7 @@ class ComparativeTrainingPlan(CellpertTrainingPlan):
                 continue
             g = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
             flat = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(g, params, strict=True)])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(flat)
-                flat /= torch.distributed.get_world_size()
-            grads.append(flat)
+            grads.append(_mean_over_ranks(flat))
         alpha = min_norm_coefficient(grads[0], grads[1])
         direction = alpha * grads[0] + (1.0 - alpha) * grads[1] + grads[2]
         optimizer.zero_grad()
