@@ -28,10 +28,10 @@ COMMON = ["--model", "samsvae", "--n-latent", "4", "--max-steps", "300", "--no-e
           "--lr", "3e-3", "--accelerator", "cpu", "--quiet"]  # fmt: skip
 
 
-def _train(screen: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(screen: Path, out: Path, *extra: str, common: list[str] = COMMON) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [str(CELLPERT), "train", str(screen), "--out", str(out), *COMMON, *extra],
+        [str(CELLPERT), "train", str(screen), "--out", str(out), *common, *extra],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )  # fmt: skip
 
@@ -77,18 +77,11 @@ def test_comparative_modes_train_under_two_processes(tmp_path, mode):
 
     screen = tmp_path / "c.h5ad"
     write_h5ad_atomic(simulate_comparative(seed=0), screen)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["-m", "comparative", "--mode", mode, "--max-steps", "300", "--no-early-stopping",
               "--accelerator", "cpu", "--quiet", "--seed", "0"]  # fmt: skip
 
-    def train(out: str, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(CELLPERT), "train", str(screen), "-o", str(tmp_path / out), *common, *extra],
-            capture_output=True, text=True, env=env, timeout=600, check=False,
-        )  # fmt: skip
-
-    one = train("one", "--devices", "1", "--batch-size", "128")
-    two = train("two", "--devices", "2", "--strategy", "ddp", "--batch-size", "64")
+    one = _train(screen, tmp_path / "one", "--devices", "1", "--batch-size", "128", common=common)
+    two = _train(screen, tmp_path / "two", "--devices", "2", "--strategy", "ddp", "--batch-size", "64", common=common)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("trained comparative") == 1 and "300 steps" in two.stdout, two.stdout
