@@ -613,7 +613,11 @@ class _KnownValues:
         self.asked: list[int] = []
         self.calls: list[np.ndarray] = []
 
-    def get_posterior_expression(self, indices, *, n_draws, seed):
+    def sample_posterior_globals(self, n_draws, *, seed):
+        return None  # no global latents
+
+    def get_posterior_expression(self, indices, *, n_draws, seed, global_draws):
+        assert global_draws is None
         self.asked += list(np.asarray(indices))
         self.calls.append(np.asarray(indices))
         return self.values[np.asarray(indices)]
@@ -667,7 +671,8 @@ def test_posterior_expression_is_the_decoded_posterior(sim_screen):
     d = torch.as_tensor(model.dosage_from_labels(list(screen.labels[cells])), dtype=torch.float32)
     with torch.random.fork_rng():
         torch.manual_seed(11)
-        draws = torch.stack([torch.log2(1e4 * m.posterior_rho(x, d) + 1) for _ in range(400)]).double().numpy()
+        draws = torch.log2(1e4 * m.posterior_rho(x, d, n_draws=400) + 1).double().numpy()
+    assert draws.shape == (400, *got.shape)
     mc = draws.std(0) / np.sqrt(400)
     assert np.all(np.abs(got - draws.mean(0)) < 5 * np.sqrt(2) * mc + 1e-9)
     # the posterior depends on the cell: two cells' values differ

@@ -216,7 +216,7 @@ def _run_examples(examples: list[Example], capsys) -> None:
         elif not broken and codes[-1] != 0:
             err = "\n    ".join(captured.err.strip().splitlines()[-3:])
             failures.append(f"{example.text}\n  exit code {codes[-1]}:\n    {err}")
-    slowest = ", ".join(f"{t:.1f} s {text[:40]!r}" for t, text in sorted(timings, reverse=True)[:3])
+    slowest = ", ".join(f"{t:.1f} s {text[:40]!r}" for t, text in sorted(timings, reverse=True)[:8])
     print(f"slowest examples: {slowest}")
     assert not failures, "help examples that do not run as written:\n" + "\n".join(failures)
 

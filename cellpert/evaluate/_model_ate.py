@@ -558,6 +558,10 @@ def posterior_ate(
     cells the same way for differential expression. A label without at least 2 training
     cells (e.g. a held-out combination) gets the counterfactual estimate
     (:func:`counterfactual_ate`, the empirical shifts of its parts).
+    Every group of cells is decoded at the same ``n_draws`` draws of the global latents
+    (``model.sample_posterior_globals``), drawn once: each contrast is then taken at
+    common draws of the globals, and a screen with many labels does not redraw them per
+    label.
 
     **The interval**: mean ± z · se, with se² = var(label cells)/n + var(controls)/m of the
     cells' posterior-predictive values: the uncertainty of which cells were observed, not
@@ -616,6 +620,9 @@ def posterior_ate(
     own = {lab: np.asarray(label_cells.get(lab, ()), dtype=np.int64) for lab in labels}
     columns = pd.Index(labels, name="label")
     decoded: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, int]] = {}
+    # one set of global draws for every group: the groups are contrasted at the same draws
+    # of the global latents, and those are drawn once (not once per group)
+    global_draws = model.sample_posterior_globals(int(n_draws), seed=seed)
 
     def moments(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         """Mean and variance over the cells ``rows`` of their posterior values (at most
@@ -628,7 +635,7 @@ def posterior_ate(
             if max_cells is not None and len(rows) > int(max_cells):
                 pick = np.random.default_rng(group_seed).choice(len(rows), size=int(max_cells), replace=False)
                 chosen = rows[np.sort(pick)]
-            values = model.get_posterior_expression(chosen, n_draws=int(n_draws), seed=group_seed)
+            values = model.get_posterior_expression(chosen, n_draws=int(n_draws), seed=group_seed, global_draws=global_draws)
             decoded[key] = (values.mean(0), values.var(0, ddof=1), len(chosen))
         return decoded[key]
 
@@ -698,6 +705,7 @@ def posterior_ate(
         "interval": float(interval),
         "interval_kind": "mean ± z·se over the cells (sampling of the label's and the controls' cells)",
         "seed": int(seed),
+        "global_draws": "shared by every group",
         "latent_shift": "empirical",  # of the counterfactual fallback
     }
     if per_level:

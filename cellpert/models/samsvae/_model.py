@@ -504,11 +504,18 @@ class _PerturbationVAE(
             tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY], covariates=self.module.covariates(tensors)
         )
 
-    def _posterior_rho(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Posterior-predictive hook: ρ of cells decoded at one draw of their posterior."""
+    def _posterior_globals(self, n_draws: int) -> dict[str, torch.Tensor | None]:
+        """Posterior-predictive hook: (E, M) ~ q, ``n_draws`` particles."""
+        return self.module.sample_globals(n_draws)
+
+    def _posterior_rho(
+        self, tensors: dict[str, torch.Tensor], n_draws: int, global_draws: dict | None = None
+    ) -> torch.Tensor:
+        """Posterior-predictive hook: ρ of cells decoded at draws of their posterior, (n_draws, B, G)."""
         return self.module.posterior_rho(
-            tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY], covariates=self.module.covariates(tensors)
-        )
+            tensors[REGISTRY_KEYS.X_KEY], tensors[DOSAGE_KEY], covariates=self.module.covariates(tensors),
+            n_draws=n_draws, global_samples=global_draws,
+        )  # fmt: skip
 
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor | None:
         """Counterfactual hook: (P, T, K) draws of E ⊙ M from q (None: the conditional VAE)."""

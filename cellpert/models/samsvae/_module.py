@@ -619,17 +619,31 @@ class PerturbationVAEModule(CovariateModuleMixin, BaseModuleClass):
 
     @torch.inference_mode()
     def posterior_rho(
-        self, x: torch.Tensor, dosage: torch.Tensor, *, covariates: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        dosage: torch.Tensor,
+        *,
+        covariates: torch.Tensor | None = None,
+        n_draws: int = 1,
+        global_samples: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """ρ of each cell decoded at one draw of its posterior: (B, G).
+        """ρ of each cell decoded at ``n_draws`` draws of its posterior: (n_draws, B, G).
 
-        One draw of the global latents (E, M) ~ q, then z_i = z^b_i + D_i (E ⊙ M) with
-        z^b_i ~ q(z^b_i | x̃_i, D_i) (the conditional VAE: z_i ~ q(z_i | x̃_i, D_i),
-        decoded with D_i), each cell with its own covariates.
+        Per draw: the global latents (E, M) ~ q (one draw shared by the cells), then
+        z_i = z^b_i + D_i (E ⊙ M) with z^b_i ~ q(z^b_i | x̃_i, D_i) (the conditional VAE:
+        z_i ~ q(z_i | x̃_i, D_i), decoded with D_i), each cell with its own covariates.
+        The draws are made in one batched call (one :meth:`sample_globals` of
+        ``n_draws`` particles, or ``global_samples``: that many draws made before), not
+        one call per draw.
         """
-        inf = self.inference(x, dosage, global_samples=self.sample_globals(1), covariates=covariates)
-        z = inf["z"][0] if inf["z"].dim() == 3 else inf["z"]
-        return self.decoder(*self._decoder_inputs(z, dosage if self.variant == "cvae" else None, covariates))
+        n_draws = int(n_draws)
+        if global_samples is None:
+            global_samples = self.sample_globals(n_draws)
+        inf = self.inference(
+            x, dosage, global_samples=global_samples, covariates=covariates,
+            n_local_samples=n_draws if self.variant == "cvae" else None,
+        )  # fmt: skip
+        return self.decoder(*self._decoder_inputs(inf["z"], dosage if self.variant == "cvae" else None, covariates))
 
     @torch.inference_mode()
     def latent_position(

@@ -531,9 +531,12 @@ class SVAE(
         """Empirical-shift hook: the posterior mean of z, q(z | x[, c]), of any cell."""
         return self.module.inference(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))["qz_m"]
 
-    def _posterior_rho(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Posterior-predictive hook: ρ of cells decoded at one draw of q(z | x[, c])."""
-        return self.module.posterior_rho(tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors))
+    def _posterior_rho(self, tensors: dict[str, torch.Tensor], n_draws: int, global_draws: None = None) -> torch.Tensor:
+        """Posterior-predictive hook: ρ of cells decoded at draws of q(z | x[, c]), (n_draws, B, G)
+        (no global latents: ``global_draws`` is None)."""
+        return self.module.posterior_rho(
+            tensors[REGISTRY_KEYS.X_KEY], covariates=self.module.covariates(tensors), n_draws=n_draws
+        )
 
     def _global_effect_draws(self, n_draws: int) -> torch.Tensor:
         """Counterfactual hook: the shifts, the same for every draw (μ and the masks are

@@ -346,9 +346,12 @@ class SVAEModule(CovariateModuleMixin, BaseModuleClass):
         return rho.reshape(*z.shape[:-1], rho.shape[-1])
 
     @torch.inference_mode()
-    def posterior_rho(self, x: torch.Tensor, *, covariates: torch.Tensor | None = None) -> torch.Tensor:
-        """ρ of each cell decoded at one draw of its posterior, z_i ~ q(z_i | x_i[, c_i]): (B, G)."""
-        return self.decode_rho(self.inference(x, covariates=covariates)["z"], covariates)
+    def posterior_rho(
+        self, x: torch.Tensor, *, covariates: torch.Tensor | None = None, n_draws: int = 1
+    ) -> torch.Tensor:
+        """ρ of each cell decoded at ``n_draws`` draws of its posterior, z_i ~ q(z_i | x_i[, c_i]):
+        (n_draws, B, G)."""
+        return self.decode_rho(self.inference(x, n_samples=int(n_draws), covariates=covariates)["z"], covariates)
 
     def counterfactual_rho(
         self,
