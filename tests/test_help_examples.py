@@ -26,9 +26,9 @@ stimulated), ``cpa_format.h5ad`` the CPA-layout fixture (``layers["counts"]``),
 ``samsvae.yaml`` a small config file, and ``sim.h5ad`` / ``run_svae`` a small sparse-shift
 screen with a 2-epoch sVAE run.
 
-Examples that train or read a trained model are slow (about three minutes together on one
-shared core, two of them for the 500 steps of ``train``'s first example) and run with ``make
-test-slow``; the others (about 20 s) run in the default suite. :data:`SKIP` lists examples
+Examples that train or read a trained model are slow (317 s together on this machine's one
+thread, session 13; the 500 steps of ``train``'s first example and the two default
+``evaluate-ate`` runs on its model take most of it) and run with ``make test-slow``; the others (about 20 s) run in the default suite. :data:`SKIP` lists examples
 that cannot run here (with the reason) and :data:`KNOWN_BROKEN` examples that fail as
 written (expected to fail: fixing the help text makes the test fail until the entry is
 removed).
