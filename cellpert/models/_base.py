@@ -677,8 +677,9 @@ class CounterfactualMixin:
         """Each cell's expression under its own posterior, averaged over ``n_draws`` draws.
 
         For each draw, the cell's latent is drawn from q (the model's hook
-        ``_posterior_rho``, which decodes a block of draws in one call: the global latents and the cell's local latent, under its own
-        perturbation and covariates), decoded, counts are drawn at the cell's own library
+        ``_posterior_rho``, which decodes a block of draws in one call: the global latents
+        and the cell's local latent, under its own perturbation and covariates), decoded,
+        counts are drawn at the cell's own library
         size, ``x ~ NB(ℓ_i ρ_i, θ)``, and put in the perturbseq space
         (``transform="perturbseq"``), or ``log2(1e4 ρ + 1)`` (``"rho"``, no count
         noise). The mean over draws is the model's denoised version of the cell, in the
@@ -714,7 +715,8 @@ class CounterfactualMixin:
                 theta = self.module.nb_theta if batch is None else self.module.nb_theta_of(batch)
                 total = 0.0
                 # draws decoded together, as many as keep a (draws, B, G) block near
-                # _POSTERIOR_BLOCK values (one call per draw was 90% overhead on small groups)
+                # _POSTERIOR_BLOCK values (one decode per draw, with the globals redrawn for
+                # each group, took 3.3x as long: benchmarks/RESULTS_evaluate.md)
                 step = max(1, min(int(n_draws), _POSTERIOR_BLOCK // max(1, lib.numel() * n_genes)))
                 for start in range(0, int(n_draws), step):
                     k = min(step, int(n_draws) - start)
