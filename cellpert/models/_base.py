@@ -679,8 +679,8 @@ class CounterfactualMixin:
         For each draw, the cell's latent is drawn from q (the model's hook
         ``_posterior_rho``, which decodes a block of draws in one call: the global latents
         and the cell's local latent, under its own perturbation and covariates), decoded,
-        counts are drawn at the cell's own library
-        size, ``x ~ NB(ℓ_i ρ_i, θ)``, and put in the perturbseq space
+        counts are drawn at the cell's own library size, ``x ~ NB(ℓ_i ρ_i, θ)``, and put
+        in the perturbseq space
         (``transform="perturbseq"``), or ``log2(1e4 ρ + 1)`` (``"rho"``, no count
         noise). The mean over draws is the model's denoised version of the cell, in the
         space and at the depth of the data ATE (the posterior estimator of
