@@ -230,7 +230,9 @@ def train(
     if run.rank != 0:  # DDP: rank 0 reports and wrote the run directory
         return
     history = run.model.history
-    shown_keys = ("train_loss", "validation_loss")
+    # elbo_validation: the per-cell negative ELBO of the validation cells, comparable across
+    # families (sVAE+'s training loss is N_train x the per-cell ELBO plus the mask prior)
+    shown_keys = ("elbo_validation", "train_loss", "validation_loss")
     last = {name: float(df.iloc[-1, 0]) for name, df in history.items() if len(df) and name in shown_keys}
     shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(last.items()))
     typer.echo(f"trained {run.config['model']} on {run.screen.n_cells:,} cells -> {run.directory} ({shown})")

@@ -213,6 +213,15 @@ def test_plain_vae_exports_latent_only(small_adata):
         model.get_mask_probabilities()
 
 
+def test_an_empty_split_is_a_clear_error_not_a_nan(small_adata):
+    model = _train(SVAE, small_adata, prior="standard")
+    assert model.split_indices("unused").size == 0
+    with pytest.raises(CellpertInputError, match="'unused' split has no cells"):
+        model.get_iwelbo(split="unused", n_samples=2)
+    with pytest.raises(CellpertInputError, match="no cells"):
+        model.get_latent_representation(split="unused")
+
+
 def test_save_load_round_trip(small_adata, tmp_path):
     model = _train(SVAE, small_adata, sparsity_weight=3.0)
     model.save(tmp_path / "m", overwrite=True)

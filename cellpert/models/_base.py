@@ -281,7 +281,15 @@ class SplitMixin:
         if indices is not None:
             return np.asarray(indices, dtype=np.int64)
         if split is not None:
-            return self.split_indices(split, adata)
+            idx = self.split_indices(split, adata)
+            if idx.size == 0:
+                # an empty split would give a NaN mean and only a numpy warning
+                key = self.adata_manager.registry["setup_args"].get("split_key")
+                raise CellpertInputError(
+                    f"the {split!r} split has no cells (split column {key!r}); pass indices= or "
+                    "another split, or give that split cells (e.g. n_heldout > 0 for held-out perturbations)."
+                )
+            return idx
         return np.arange(adata.n_obs)
 
     @staticmethod
