@@ -105,6 +105,26 @@ def test_nb_log_mean_form_stays_accurate_for_large_dispersion_parameters():
     assert many.shape == (3, 1) and torch.allclose(many, got.expand(3, 1))
 
 
+def test_nb_log_mean_form_matches_the_pmf_and_its_gradient_for_many_cells_and_per_cell_dispersions():
+    """Σ_g lgamma(θ_g) is taken once per gene and broadcast over the cells: values and the
+    gradient in log θ must equal GammaPoisson's for B > 1, with θ per gene (G,) and per
+    cell (B, G) (``dispersion="gene-batch"``)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(4, 6, generator=gen) * 5, generator=gen)
+    log_mu = torch.randn(4, 6, generator=gen)
+    for shape in ((6,), (4, 6)):
+        log_theta = torch.randn(*shape, generator=gen).requires_grad_(True)
+        got = nb_log_prob_log_mean(x, log_mu, log_theta)
+        (grad,) = torch.autograd.grad(got.sum(), log_theta)
+        lt = log_theta.detach().double().requires_grad_(True)
+        theta = torch.exp(lt)
+        reference = GammaPoisson(theta, theta / torch.exp(log_mu.double())).log_prob(x.double()).sum(-1)
+        (ref_grad,) = torch.autograd.grad(reference.sum(), lt)
+        assert got.shape == (4,)
+        assert torch.allclose(got.double(), reference, atol=1e-4)
+        assert torch.allclose(grad.double(), ref_grad, atol=1e-4)
+
+
 def test_nb_log_mean_form_has_finite_gradients_where_the_softmax_underflows():
     log_mu = torch.tensor([[-200.0, 2.0]], requires_grad=True)  # exp(-200) is 0 in float32
     value = nb_log_prob_log_mean(torch.tensor([[0.0, 3.0]]), log_mu, torch.zeros(2))

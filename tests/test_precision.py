@@ -77,3 +77,37 @@ def test_training_in_bf16_mixed_keeps_float32_parameters_and_learns():
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(CellpertInputError, match="precision must be one of"):
         _model("samsvae").train(max_steps=1, precision="8")
+
+
+@pytest.mark.parametrize("param_lrs", [None, {"mask_logits": 3e-2}])
+def test_adam_is_fused_on_the_cpu_except_under_16_mixed(param_lrs):
+    """torch's fused Adam (one kernel per parameter) wherever it exists; not under
+    ``16-mixed``, where Lightning's gradient scaler refuses clipping with a fused optimizer.
+    The fused step is the same update as torch's default loop, up to rounding."""
+    from types import SimpleNamespace
+
+    from cellpert.models.samsvae._trainingplan import PerturbationTrainingPlan
+
+    module = _model("samsvae").module
+    plan = PerturbationTrainingPlan(module, param_lrs=param_lrs)
+    optimizer = plan.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    assert len(optimizer.param_groups) == (1 if param_lrs is None else 2)
+    plan._trainer = SimpleNamespace(precision="16-mixed")  # as a Lightning trainer reports it
+    assert not any(group["fused"] for group in plan.configure_optimizers()["optimizer"].param_groups)
+    # one step from the same gradients: fused and the default loop agree
+    params = [p for p in module.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    after = {}
+    for fused in (True, False):
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        opt = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-6, fused=fused)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        after[fused] = [p.detach().clone() for p in params]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after[True], after[False], strict=True))
