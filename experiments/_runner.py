@@ -29,7 +29,9 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -357,6 +359,11 @@ def run(
                 collect(job, status)
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
+            # shutdown() leaves running jobs running: stop the workers, or they outlive the
+            # runner and hold the cores (a training job saves its checkpoint and stops at
+            # its next safe point on SIGTERM; the job is redone by the next run)
+            for child in mp.active_children():
+                child.terminate()
             raise
         pool.shutdown()
     reports, tables = {}, {}
@@ -401,9 +408,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit code (0 ok, 1 a job failed, 2 bad input, 130 interrupted)."""
+    """The command line; returns the exit code (0 ok, 1 a job failed, 2 bad input, 130 interrupted).
+
+    SIGTERM (``kill``, a scheduler cancelling the job) is handled as Ctrl-C: the running
+    jobs' workers are stopped and the finished jobs stay in the cache.
+    """
     args = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        return _main(args, argv)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _main(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         if args.list:
             for name in list_experiments(args.config_dir):

@@ -169,6 +169,63 @@ def test_parallel_jobs_run_in_processes(dirs):
     assert len(logs) == 6
 
 
+def _children(pid: int) -> set[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_stops_the_runner_and_its_running_workers(tmp_path):
+    """A scheduler's SIGTERM (or ``kill``) to ``python -m experiments -j 2`` ends the
+    runner with the interrupted message and exit code 130, and the jobs running in its
+    workers stop too (before, they went on without it, holding the cores)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    configs = tmp_path / "configs"
+    write_experiment(configs, experiment=EXPERIMENT.replace("sleep_s: 0.0", "sleep_s: 120.0"))
+    cmd = [sys.executable, "-m", "experiments", "toy", "-j", "2", "--config-dir", str(configs),
+           "--cache-dir", str(tmp_path / "cache"), "--report-dir", str(tmp_path / "reports")]  # fmt: skip
+    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        logs = tmp_path / "cache" / "toy" / "logs"
+        deadline = time.monotonic() + 60
+        while len(list(logs.glob("*.log"))) < 2 and time.monotonic() < deadline:  # both workers are in a job
+            time.sleep(0.2)
+        workers = _children(runner.pid)
+        assert len(list(logs.glob("*.log"))) == 2 and len(workers) >= 2
+        os.kill(runner.pid, signal.SIGTERM)
+        _, err = runner.communicate(timeout=30)
+        assert runner.returncode == 130 and "interrupted" in err
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "a worker outlived the runner"
+        assert not cached_files(tmp_path / "cache")  # nothing finished, nothing cached
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        for w in _children(runner.pid):
+            os.kill(w, signal.SIGKILL)
+
+
 def test_failed_job_is_reported_and_the_others_go_on(dirs, monkeypatch, capsys):
     def fail_beta(config, workdir):
         if config["model"]["name"] == "b":
