@@ -225,10 +225,10 @@ class CellpertTrainingPlan(EpochMetricsMixin, TrainingPlan):
 
         On this CPU, fused Adam steps the SAMS-VAE Norman model (1.46 M parameters) in
         1.5-2.3 ms against 6-19 ms for torch's default per-parameter loop
-        (benchmarks/RESULTS_scale.md, session 16);
-        the update is the same algorithm, rounded differently. It is used where torch
-        has it (CPU and CUDA, floating parameters) and not under ``16-mixed``, where
-        Lightning's gradient scaler refuses gradient clipping with a fused optimizer.
+        (benchmarks/RESULTS_scale.md, session 16); the update is the same algorithm,
+        rounded differently. It is used where torch has it (CPU and CUDA, floating
+        parameters) and not under ``16-mixed``, where Lightning's gradient scaler
+        refuses gradient clipping with a fused optimizer.
         """
         try:
             precision = str(self.trainer.precision)
