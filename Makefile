@@ -9,7 +9,7 @@ STAMP := $(VENV)/.cellpert-installed
 DEMO_DIR ?= demo_out
 SHARED_DATA ?= ../shared/data
 
-.PHONY: help install test test-slow lint demo clean bench-ate bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang \
+.PHONY: help install test test-slow lint demo clean bench-ate bench-combination-rules bench-norman bench-sparse-shift bench-comparative bench-kang data-norman data-replogle data-replogle-gwps data-kang \
 	reproduce-norman-ood reproduce-replogle reproduce-sparse-shift reproduce-comparative
 RAW_DIR ?= data/raw
 
@@ -19,6 +19,7 @@ help:
 	@echo "make test-slow  the long tests (training to convergence, real-data checks)"
 	@echo "make install    create .venv and install cellpert with the tested versions"
 	@echo "make bench-ate  model ATEs vs the training-cell average on held-out cells (long)"
+	@echo "make bench-combination-rules   other ways to combine the model ATE with the average (long)"
 	@echo "make bench-norman / bench-sparse-shift / bench-comparative / bench-kang"
 	@echo "                the papers' benchmarks (long; BENCH_ARGS=--quick for a smoke run)"
 	@echo "make data-norman / data-replogle / data-kang   fetch a public screen (needs internet)"
@@ -61,6 +62,8 @@ clean:
 # Benchmarks (print tables; see benchmarks/RESULTS_*.md). BENCH_ARGS=--quick for a smoke run.
 bench-ate: $(STAMP)
 	$(BIN)/python benchmarks/ate_benchmark.py $(BENCH_ARGS)
+bench-combination-rules: $(STAMP)
+	$(BIN)/python benchmarks/combination_rules.py $(BENCH_ARGS)
 bench-norman: $(STAMP)
 	$(BIN)/python benchmarks/norman_combinations.py --steps 2000 $(BENCH_ARGS)
 bench-sparse-shift: $(STAMP)

@@ -227,14 +227,15 @@ class CellpertTrainingPlan(EpochMetricsMixin, TrainingPlan):
         1.5-2.3 ms against 6-19 ms for torch's default per-parameter loop
         (benchmarks/RESULTS_scale.md, session 16); the update is the same algorithm,
         rounded differently. It is used where torch has it (CPU and CUDA, floating
-        parameters) and not under ``16-mixed``, where Lightning's gradient scaler
-        refuses gradient clipping with a fused optimizer.
+        parameters) and not under mixed precision (``bf16-mixed``, ``16-mixed``), whose
+        Lightning plugin refuses gradient clipping with an optimizer that says it
+        unscales its own gradients, as a fused one does.
         """
         try:
             precision = str(self.trainer.precision)
         except RuntimeError:  # not attached to a trainer
             precision = "32-true"
-        if precision.startswith("16"):
+        if "mixed" in precision or precision.startswith("16"):
             return False
         params = [p for p in self.module.parameters() if p.requires_grad]
         return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
