@@ -90,6 +90,15 @@ def _model(name: str, adata, dataset: str, seed: int):
     return cls(adata, **kwargs)
 
 
+def train_model(model, name: str, dataset: str, steps: int) -> dict:
+    """Train with the settings above (early stopping, ``steps`` the cap); the training summary."""
+    train = {} if name in SVAE_FAMILY else dict(SETTINGS[dataset]["train"])
+    if name == "samsvae":
+        train["mask_logits_lr"] = MASK_LR
+    model.train(max_steps=steps, enable_model_summary=False, **train)
+    return model.training_summary_
+
+
 ESTIMATOR_ROWS = ("combined", "posterior", "counterfactual", "counterfactual/model-shift", "prior")
 
 
@@ -112,11 +121,7 @@ def run_one(dataset: str, name: str, seed: int, steps: int, n_draws: int, cache:
         model = type(model).load(str(saved), adata=adata)
         summary = json.loads((saved / "training.json").read_text())
     else:
-        train = {} if name in SVAE_FAMILY else dict(SETTINGS[dataset]["train"])
-        if name == "samsvae":
-            train["mask_logits_lr"] = MASK_LR
-        model.train(max_steps=steps, enable_model_summary=False, **train)
-        summary = model.training_summary_
+        summary = train_model(model, name, dataset, steps)
         if saved is not None:
             model.save(str(saved), overwrite=True)
             (saved / "training.json").write_text(json.dumps(summary))

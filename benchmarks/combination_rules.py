@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 HERE = Path(__file__).resolve().parent
 RULES = ("posterior", "combined", "eb", "ash", "js", "half", "average")
@@ -64,8 +65,7 @@ def dump(dataset: str, seed: int, path: Path, steps: int) -> None:
     screen = ab._screen(dataset, seed)
     adata = prepare_anndata(screen)
     model = ab._model("samsvae", adata, dataset, seed)
-    train = dict(ab.SETTINGS[dataset]["train"], mask_logits_lr=ab.MASK_LR)
-    model.train(max_steps=steps, enable_model_summary=False, **train)
+    ab.train_model(model, "samsvae", dataset, steps)
     ev = compute_ate_evaluation(screen, model, estimator="posterior", n_draws=100, ceiling=False,
                                 iwelbo_samples=5, seed=seed)  # fmt: skip
     split_values = ev_mod._split_values(screen, model, None)
@@ -96,13 +96,6 @@ def dump(dataset: str, seed: int, path: Path, steps: int) -> None:
 
 
 # ----------------------------------------------------------------------------- rules
-def _least_squares_weight(m: np.ndarray, a: np.ndarray, t: np.ndarray) -> float:
-    d, e = a - m, t - m
-    ok = np.isfinite(d) & np.isfinite(e)
-    den = float((d[ok] ** 2).sum())
-    return float(np.clip((d[ok] * e[ok]).sum() / den, 0.0, 1.0)) if den > 0 else 0.0
-
-
 def _eb(m: np.ndarray, a: np.ndarray, se: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Per-entry weight τ² / (τ² + se²), τ² chosen on the validation target ``t``."""
 
@@ -117,7 +110,7 @@ def _eb(m: np.ndarray, a: np.ndarray, se: np.ndarray, t: np.ndarray) -> np.ndarr
 
 
 def _normal_pdf(x: np.ndarray, var: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * x * x / var) / np.sqrt(2 * np.pi * var)
+    return stats.norm.pdf(x, scale=np.sqrt(var))
 
 
 def _ash(m: np.ndarray, a: np.ndarray, se: np.ndarray, t: np.ndarray, t_se: np.ndarray) -> np.ndarray:
@@ -152,8 +145,23 @@ def _james_stein(m: np.ndarray, a: np.ndarray, se: np.ndarray) -> np.ndarray:
     return m + w * (a - m)
 
 
+def test_ceiling(dataset: str, seed: int, labels: list[str]) -> dict[str, float]:
+    """Noise ceiling of the test cells' data ATE (split halves), as ``compute_ate_evaluation`` prints it."""
+    sys.path.insert(0, str(HERE))
+    import ate_benchmark as ab
+
+    from cellpert.evaluate import _evaluate as ev_mod
+    from cellpert.evaluate import noise_ceiling
+
+    screen = ab._screen(dataset, seed)
+    split_values = ev_mod._split_values(screen, None, None)
+    cells, _ = ev_mod._target_cells(screen, split_values, "test", labels)
+    return noise_ceiling(screen.counts, screen.labels, control=screen.control_labels, cells=cells,
+                         evaluated=labels, top_n=20, seed=seed)  # fmt: skip
+
+
 def score(path: Path) -> list[dict]:
-    from cellpert.evaluate import ate_metrics
+    from cellpert.evaluate import ModelATE, ate_metrics, combine_with_average
 
     d = pickle.loads(path.read_bytes())
     dataset, seed = path.stem.rsplit("_", 1)
@@ -165,19 +173,23 @@ def score(path: Path) -> list[dict]:
         return d[key].reindex(index=genes)[labels].to_numpy(float)
 
     m, a, se, v, v_se = grab("model"), grab("average"), grab("average_se"), grab("val"), grab("val_se")
-    w = _least_squares_weight(m, a, v)
+    frame_of = lambda x: pd.DataFrame(x, index=genes, columns=labels)  # noqa: E731
+    # the default, by cellpert's own code: one least-squares weight on the validation cells
+    combined = combine_with_average(ModelATE(ate=frame_of(m), lo=frame_of(m), hi=frame_of(m)), frame_of(a), frame_of(v))
+    w = combined.config["combined"]["weight"]
+    ceiling = test_ceiling(dataset, int(seed), labels)
     preds = {
-        "posterior": m, "combined": w * a + (1 - w) * m, "eb": _eb(m, a, se, v), "ash": _ash(m, a, se, v, v_se),
+        "posterior": m, "combined": combined.ate.to_numpy(), "eb": _eb(m, a, se, v), "ash": _ash(m, a, se, v, v_se),
         "js": _james_stein(m, a, se), "half": 0.5 * (a + m), "average": a,
     }  # fmt: skip
     rows = []
     for rule, p in preds.items():
-        frame = pd.DataFrame(p, index=genes, columns=labels)
+        frame = frame_of(p)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, s = ate_metrics(test[labels], frame, top_n=20)
         row = {"dataset": dataset, "seed": int(seed), "rule": rule, "r": s["pearson"], "top20_r": s["pearson_top"],
-               "r2": s["r2"], "w": w}  # fmt: skip
+               "r2": s["r2"], "w": w, "ceiling_r": ceiling["pearson"], "ceiling_top20_r": ceiling["pearson_top"]}  # fmt: skip
         if d["truth"] is not None:
             _, t = ate_metrics(d["truth"].reindex(index=genes)[labels], frame, top_n=20)
             row.update(truth_r=t["pearson"], truth_r2=t["r2"])
@@ -216,6 +228,10 @@ def main() -> None:
     rows = [r for d in args.datasets for s in args.seeds for r in score(args.work / f"{d}_{s}.pkl")]
     frame = pd.DataFrame(rows)
     metrics = [c for c in ("r", "top20_r", "r2", "truth_r", "truth_r2") if c in frame.columns]
+    for dataset, sub in frame[frame.rule == "average"].groupby("dataset", sort=False):
+        print(f"{dataset}: noise ceiling of the test cells (what a perfect predictor reaches): r "
+              f"{sub.ceiling_r.mean():.3f} ± {sub.ceiling_r.std():.3f}, top-20 r "
+              f"{sub.ceiling_top20_r.mean():.3f} ± {sub.ceiling_top20_r.std():.3f}")  # fmt: skip
     print("| data | rule | " + " | ".join(metrics) + " | n |")
     print("|---|---|" + "---|" * (len(metrics) + 1))
     for (dataset, rule), sub in frame.groupby(["dataset", "rule"], sort=False):

@@ -235,7 +235,7 @@ class CellpertTrainingPlan(EpochMetricsMixin, TrainingPlan):
             precision = str(self.trainer.precision)
         except RuntimeError:  # not attached to a trainer
             precision = "32-true"
-        if "mixed" in precision or precision.startswith("16"):
+        if "mixed" in precision:  # Lightning reports "16-mixed" / "bf16-mixed"
             return False
         params = [p for p in self.module.parameters() if p.requires_grad]
         return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
