@@ -84,8 +84,30 @@ def _limit_threads(threads: int) -> None:
         os.environ[var] = str(threads)
 
 
-def _worker_init(threads: int) -> None:  # pragma: no cover - runs in the workers
+def _die_with_runner(runner: int) -> None:  # pragma: no cover - runs in the workers
+    """Linux: have the kernel send this worker SIGTERM when the runner dies, SIGKILL included.
+
+    SIGTERM and Ctrl-C to the runner are handled in :func:`run`; a SIGKILLed runner (the
+    out-of-memory killer, ``kill -9``) runs no code, so only the kernel can stop its workers
+    (``prctl(PR_SET_PDEATHSIG)``; neither ``multiprocessing`` nor ``concurrent.futures``
+    offers it). A training job stops on SIGTERM as it does when the runner terminates it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl in this libc: keep the old behaviour
+        return
+    if os.getppid() != runner:  # the runner died before the call: nobody will send it
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_init(threads: int, runner: int | None = None) -> None:  # pragma: no cover - runs in the workers
     _limit_threads(threads)
+    if runner is not None:
+        _die_with_runner(runner)
 
 
 @contextlib.contextmanager
@@ -345,7 +367,7 @@ def run(
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+            max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads, os.getpid())
         )
         try:
             futures = {pool.submit(execute_job, payloads[job.key]): job for job in pending}

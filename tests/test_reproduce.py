@@ -9,11 +9,16 @@ expanded (both modes). The slow tests run every FAST reproduction end to end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -189,21 +194,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
-def test_sigterm_stops_the_runner_and_its_running_workers(tmp_path):
-    """A scheduler's SIGTERM (or ``kill``) to ``python -m experiments -j 2`` ends the
-    runner with the interrupted message and exit code 130, and the jobs running in its
-    workers stop too (before, they went on without it, holding the cores)."""
-    import os
-    import signal
-    import subprocess
-    import time
-
+@contextlib.contextmanager
+def _runner_in_two_jobs(tmp_path: Path):
+    """``python -m experiments toy -j 2`` with two long jobs running: (runner, its workers)."""
     configs = tmp_path / "configs"
     write_experiment(configs, experiment=EXPERIMENT.replace("sleep_s: 0.0", "sleep_s: 120.0"))
     cmd = [sys.executable, "-m", "experiments", "toy", "-j", "2", "--config-dir", str(configs),
            "--cache-dir", str(tmp_path / "cache"), "--report-dir", str(tmp_path / "reports")]  # fmt: skip
     runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
     try:
         logs = tmp_path / "cache" / "toy" / "logs"
         deadline = time.monotonic() + 60
@@ -211,19 +210,46 @@ def test_sigterm_stops_the_runner_and_its_running_workers(tmp_path):
             time.sleep(0.2)
         workers = _children(runner.pid)
         assert len(list(logs.glob("*.log"))) == 2 and len(workers) >= 2
-        os.kill(runner.pid, signal.SIGTERM)
-        _, err = runner.communicate(timeout=30)
-        assert runner.returncode == 130 and "interrupted" in err
-        deadline = time.monotonic() + 20
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(w) for w in workers), "a worker outlived the runner"
-        assert not cached_files(tmp_path / "cache")  # nothing finished, nothing cached
+        yield runner, workers
     finally:
         if runner.poll() is None:
             runner.kill()
-        for w in _children(runner.pid):
-            os.kill(w, signal.SIGKILL)
+        runner.communicate()
+        for w in workers | _children(runner.pid):
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _wait_for_exit(pids: set[int], timeout: float = 20.0) -> set[int]:
+    """The processes of ``pids`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {p for p in pids if _alive(p)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_sigterm_stops_the_runner_and_its_running_workers(tmp_path):
+    """A scheduler's SIGTERM (or ``kill``) to ``python -m experiments -j 2`` ends the
+    runner with the interrupted message and exit code 130, and the jobs running in its
+    workers stop too (before, they went on without it, holding the cores)."""
+    with _runner_in_two_jobs(tmp_path) as (runner, workers):
+        os.kill(runner.pid, signal.SIGTERM)
+        _, err = runner.communicate(timeout=30)
+        assert runner.returncode == 130 and "interrupted" in err
+        assert not _wait_for_exit(workers), "a worker outlived the runner"
+        assert not cached_files(tmp_path / "cache")  # nothing finished, nothing cached
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkilled_runner_takes_its_workers_with_it(tmp_path):
+    """``kill -9`` (or the out-of-memory killer) on the runner runs none of its code; the
+    kernel still stops its workers (before, they went on as orphans, holding the cores)."""
+    with _runner_in_two_jobs(tmp_path) as (runner, workers):
+        os.kill(runner.pid, signal.SIGKILL)
+        assert runner.wait(30) == -signal.SIGKILL
+        assert not _wait_for_exit(workers), "a worker outlived the SIGKILLed runner"
+        assert not cached_files(tmp_path / "cache")
 
 
 def test_failed_job_is_reported_and_the_others_go_on(dirs, monkeypatch, capsys):
