@@ -18,7 +18,8 @@ Data sets: ``sim`` (SAMS simulator, 30 perturbations, 6 combinations, K = 8),
 ``norman`` (shared Norman subset, random 64/16/20 cell split), ``norman-combos`` (held-out
 combinations, MODELS.md §6), ``mcfaline`` (shared McFaline subset, random split, cell lines pooled), ``mcfaline-lines``
 (the same within its cell lines: the line a covariate of the model and the level of every
-data ATE).
+data ATE), ``mcfaline-covariate`` (the line a covariate of the model, the target pooled
+naively as in ``mcfaline``).
 
 Usage::
 
@@ -55,6 +56,9 @@ SETTINGS["norman-combos"] = SETTINGS["norman"]
 #: and the level of every data ATE (docs/models.md, *Covariates*), so that a target whose
 #: cells are spread over the lines unlike the controls is not scored on that difference.
 SETTINGS["mcfaline-lines"] = dict(SETTINGS["mcfaline"], covariates=["cell_type"], level_key="cell_type")
+#: The line a covariate of the model, the target pooled naively over the lines (as ``mcfaline``):
+#: does a model that knows the lines reproduce the pooled target's composition better?
+SETTINGS["mcfaline-covariate"] = dict(SETTINGS["mcfaline"], covariates=["cell_type"])
 MASK_LR = 3e-2
 #: Models trained with their own defaults (not the SAMS-VAE family's settings above).
 SVAE_FAMILY = ("svae", "svae-plus")

@@ -222,6 +222,8 @@ def run_large(steps: int, threads: int, extra: dict) -> dict:
     model.train(
         max_steps=steps,
         batch_size=512,
+        lr=3e-4,  # the defaults before session 18 (lr 1e-3, clipping at 100 since): figures stay comparable
+        gradient_clip_val=0,
         check_val_every_n_epoch=10**6,
         restore_best=False,
         early_stopping=False,

@@ -28,6 +28,8 @@ Usage::
 
     python benchmarks/combination_rules.py --datasets sim norman mcfaline --seeds 0 1 2 --work /tmp/rules --jobs 2
     python benchmarks/combination_rules.py --quick    # one seed, 100 steps: a smoke run (make bench-combination-rules)
+    python benchmarks/combination_rules.py --datasets mcfaline mcfaline-covariate --seeds 0 1 2 3 4 5 6 7 8 9 \
+        --defaults --work /tmp/rules_defaults --jobs 2    # cellpert's defaults, with and without the line covariate
 
 Trained models' outputs are kept in ``--work`` (one pickle per data set and seed) and
 reused. Results: benchmarks/RESULTS_ate.md, *Other combination rules (session 17)*.
@@ -50,8 +52,10 @@ HERE = Path(__file__).resolve().parent
 RULES = ("posterior", "combined", "eb", "ash", "js", "half", "average")
 
 
-def dump(dataset: str, seed: int, path: Path, steps: int) -> None:
-    """Train SAMS-VAE on one split and keep what every rule needs."""
+def dump(dataset: str, seed: int, path: Path, steps: int, defaults: bool = False, lr: float | None = None) -> None:
+    """Train SAMS-VAE on one split and keep what every rule needs (``defaults``: with
+    cellpert's own model and training defaults, as ``cellpert train`` would, instead of the
+    benchmark's per-data-set settings; ``lr`` then overrides the default learning rate)."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -64,8 +68,16 @@ def dump(dataset: str, seed: int, path: Path, steps: int) -> None:
     torch.set_num_threads(1)
     screen = ab._screen(dataset, seed)
     adata = prepare_anndata(screen)
-    model = ab._model("samsvae", adata, dataset, seed)
-    ab.train_model(model, "samsvae", dataset, steps)
+    if defaults:
+        from cellpert.models import SAMSVAE
+
+        covariates = ab.SETTINGS.get(dataset, {}).get("covariates")
+        SAMSVAE.setup_anndata(adata, **({"categorical_covariate_keys": covariates} if covariates else {}))
+        model = SAMSVAE(adata, seed=seed)
+        model.train(max_steps=steps, enable_model_summary=False, **({"lr": lr} if lr is not None else {}))
+    else:
+        model = ab._model("samsvae", adata, dataset, seed)
+        ab.train_model(model, "samsvae", dataset, steps)
     ev = compute_ate_evaluation(screen, model, estimator="posterior", n_draws=100, ceiling=False,
                                 iwelbo_samples=5, seed=seed)  # fmt: skip
     split_values = ev_mod._split_values(screen, model, None)
@@ -204,6 +216,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8000, help="cap on the training steps (early stopping)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cellpert_rules"))
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (one thread each)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="train with cellpert's own defaults (as `cellpert train`), not the benchmark's settings")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=None, help="with --defaults: this learning rate instead")
     parser.add_argument("--quick", action="store_true", help="sim, one seed, 100 steps: a smoke run")
     parser.add_argument("--single", nargs=2, default=None, help=argparse.SUPPRESS)  # child: dataset seed
     args = parser.parse_args()
@@ -213,7 +228,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.single is not None:
         dataset, seed = args.single[0], int(args.single[1])
-        dump(dataset, seed, args.work / f"{dataset}_{seed}.pkl", args.steps)
+        dump(dataset, seed, args.work / f"{dataset}_{seed}.pkl", args.steps, defaults=args.defaults, lr=args.lr)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     todo = [(d, s) for d in args.datasets for s in args.seeds if not (args.work / f"{d}_{s}.pkl").is_file()]
@@ -221,7 +236,8 @@ def main() -> None:
     for dataset, seed in todo:
         while len(running) >= args.jobs:
             running.pop(0).wait()
-        cmd = [sys.executable, __file__, "--single", dataset, str(seed), "--work", str(args.work), "--steps", str(args.steps)]
+        cmd = [sys.executable, __file__, "--single", dataset, str(seed), "--work", str(args.work), "--steps", str(args.steps),
+               *(["--defaults"] if args.defaults else []), *(["--lr", str(args.lr)] if args.lr is not None else [])]  # fmt: skip
         running.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
     for p in running:
         p.wait()

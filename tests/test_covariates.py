@@ -255,6 +255,35 @@ def test_cli_train_evaluate_inspect_with_a_batch(tmp_path, capsys):
     assert _sha(other) == before
 
 
+def test_train_suggests_the_covariate_a_run_leaves_out(tmp_path, capsys):
+    """A cell line / batch column with control cells in several levels, and no covariate
+    given: `cellpert train` says once how to model it (on the McFaline subset the line
+    covariate is what puts SAMS-VAE ahead of the training-cell average); given, or with
+    nothing to compare within, it says nothing."""
+    from cellpert.runs._train import covariate_hints
+
+    screen = load_screen(_batched(), warn=False)
+    (hint,) = covariate_hints(screen, {})
+    assert hint.startswith("obs['batch'] has 2 levels with control cells") and "--covariate-keys batch" in hint
+    assert covariate_hints(screen, {"batch_key": "batch"}) == []
+    assert covariate_hints(screen, {"categorical_covariate_keys": ["batch"]}) == []
+    assert covariate_hints(screen, {"background_key": "batch"}) == []  # the comparative model's data sets
+    assert covariate_hints(load_screen(simulate_sams(**SIM), warn=False), {}) == []  # no such column
+    one = _batched()
+    one.obs["batch"] = one.obs["batch"].astype(str)
+    one.obs.loc[(one.obs["perturbation"] == "control").to_numpy(), "batch"] = "b0"  # controls in one level only
+    assert covariate_hints(load_screen(one, warn=False), {}) == []
+
+    path = tmp_path / "s.h5ad"
+    _batched().write_h5ad(path)
+    args = ["train", str(path), "-m", "samsvae", "-o", str(tmp_path / "run"), "--n-latent", "3", "--max-steps", "2",
+            "--quiet", "--overwrite"]  # fmt: skip
+    assert run(args) == 0
+    assert capsys.readouterr().err.count("train with --covariate-keys batch") == 1
+    assert run([*args, "--batch-key", "batch"]) == 0
+    assert "--covariate-keys" not in capsys.readouterr().err
+
+
 def test_covariate_spread_flags_labels_in_one_level():
     adata = _batched(batch_imbalance=1.0)
     spread = covariate_spread(load_screen(adata, warn=False), "batch")

@@ -91,7 +91,8 @@ COMMON_TRAIN_DOC = """
             Minibatch size, Adam learning rate and weight decay [family defaults]. Adam's
             ``eps`` is 1e-8, not scvi-tools' 0.01 (which swamps small gradients).
         gradient_clip_val
-            Clip the gradient norm at this value (None: no clipping).
+            Clip the gradient norm at this value [family default: SAMS-VAE family 100,
+            the others none]; 0: no clipping.
         check_val_every_n_epoch
             Validation frequency.
         early_stopping
@@ -351,8 +352,10 @@ class PerturbationTrainingMixin(UnsupervisedTrainingMixin):
             checkpointer = RunCheckpoint(checkpoint_dir, every_n_steps=every)
             callbacks.append(checkpointer)
             trainer_kwargs.setdefault("plugins", [SameDirectoryCheckpointIO()])
-        if gradient_clip_val is not None:
-            trainer_kwargs["gradient_clip_val"] = gradient_clip_val
+        if gradient_clip_val is None:
+            gradient_clip_val = d.get("gradient_clip_val")
+        if gradient_clip_val:  # 0: no clipping
+            trainer_kwargs["gradient_clip_val"] = float(gradient_clip_val)
         if max_time is not None:
             if not max_time > 0:
                 raise CellpertInputError(f"max_time must be a positive number of seconds, not {max_time}.")

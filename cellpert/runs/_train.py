@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from cellpert import __version__
-from cellpert._errors import CellpertInputError
-from cellpert.data import PerturbationScreen, as_list
+from cellpert._errors import CellpertInputError, CellpertWarning
+from cellpert.data import PerturbationScreen, as_list, covariate_spread, find_covariate_columns
 from cellpert.models import prepare_anndata
 from cellpert.models._checkpoint import TrainingInterrupted
 from cellpert.models._training import check_checkpoint
@@ -156,8 +157,35 @@ def _train_new(
             seed=train_kwargs.get("seed") if train_kwargs.get("seed") is not None else getattr(model, "seed", None),
         )  # fmt: skip
         record_session(out, from_step=0)
+    if rank == 0:
+        for line in covariate_hints(screen, setup_kwargs):
+            warnings.warn(line, CellpertWarning, stacklevel=2)
     logger.info("training %s on %d cells x %d genes", entry.name, screen.n_cells, screen.n_genes)
     return _fit(out, model, screen, split_key, config, train_kwargs, ckpt=None, progress_bar=progress_bar)
+
+
+def covariate_hints(screen: PerturbationScreen, setup_kwargs: dict[str, Any]) -> list[str]:
+    """One line per obs column that looks like a covariate (cell line, batch, donor, ...;
+    :func:`cellpert.data.find_covariate_columns`) with control cells in two or more of its
+    levels, when the run models no covariate: the model would have to learn the levels'
+    differences from the counts. On the shared McFaline subset (three glioma lines), SAMS-VAE
+    with the line as a covariate is ahead of the training-cell average on held-out cells
+    on every metric, without it level on top-20 r (benchmarks/RESULTS_ate.md, session 18).
+    """
+    if setup_kwargs.get("batch_key") or setup_kwargs.get("categorical_covariate_keys"):
+        return []
+    given = {setup_kwargs.get(k) for k in ("background_key", "perturbation_key")} | {screen.perturbation_key}
+    lines = []
+    for key in find_covariate_columns(screen.adata.obs, exclude=[k for k in given if k]):
+        spread = covariate_spread(screen, key)
+        with_controls = [k for k, v in spread["control_cells_per_level"].items() if v > 0 and k != "<missing>"]
+        if len(with_controls) >= 2 and not spread["missing"]:
+            lines.append(
+                f"obs[{key!r}] has {len(with_controls)} levels with control cells and the model is given no "
+                f"covariate, so it must learn their differences from the counts; to model them, train with "
+                f"--covariate-keys {key} (or --batch-key {key} for a technical batch)."
+            )
+    return lines
 
 
 def _resume(out: Path, screen_path: str | os.PathLike | None, *, progress_bar: bool) -> TrainedRun:

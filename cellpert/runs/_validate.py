@@ -336,7 +336,7 @@ RUN_OPTIONS: dict[str, Option] = {
     "batch_size": count("minibatch size"),
     "lr": positive("Adam learning rate"),
     "weight_decay": number("Adam weight decay", 0),
-    "gradient_clip_val": positive("gradient-norm clipping value"),
+    "gradient_clip_val": number("gradient-norm clipping value; 0: no clipping", 0),
     "check_val_every_n_epoch": count("epochs between validation checks"),
     "early_stopping": flag("early stopping on the validation loss"),
     "early_stopping_patience": integer("validation checks without improvement before stopping", 0),
