@@ -245,6 +245,11 @@ def test_epoch_logging_matches_scvi_per_step_logging(small_adata, monkeypatch):
     """Metrics summed per epoch and logged once give scvi-tools' per-minibatch logged values."""
     from scvi.train import TrainingPlan
 
+    from cellpert.models._trainingplan import CellpertTrainingPlan
+
+    # the stock plan's Adam is torch's default loop; ours is fused, rounded differently
+    # (1e-5 relative after 3 epochs on some CPUs): compare the logging, not the optimiser
+    monkeypatch.setattr(CellpertTrainingPlan, "_fused_optimizer", lambda self: False)
     ours = _train(SVAE, small_adata, seed=5, epochs=3, sparsity_weight=2.0).history
     monkeypatch.setattr(SVAE, "_training_plan_cls", TrainingPlan)
     stock = _train(SVAE, small_adata, seed=5, epochs=3, sparsity_weight=2.0).history
